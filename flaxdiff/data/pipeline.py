@@ -1,0 +1,108 @@
+"""The grain pipeline: sampler (shuffle, epochs, per-process shard) + transforms + batching.
+
+:func:`make_loader` returns grain's ``DataLoader`` iterator. Its position is a small
+JSON blob: ``state = it.get_state()`` / ``it.set_state(state)`` (restore into a fresh
+iterator of an identically built loader), or save it with orbax through
+``grain.python.PyGrainCheckpointSave(it)`` / ``PyGrainCheckpointRestore(it)``.
+
+Sharding: with ``shard_count=None`` each JAX process reads shard
+``jax.process_index()`` of ``jax.process_count()`` (``grain.sharding.ShardByJaxProcess``);
+shards are disjoint contiguous index ranges before shuffling, so the processes of one
+run never see the same example within an epoch.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Sequence
+
+import grain
+
+from flaxdiff.data import transforms as T
+
+logger = logging.getLogger(__name__)
+
+
+def shard_options(shard_index: int | None = None, shard_count: int | None = None,
+                  drop_remainder: bool = True) -> grain.sharding.ShardOptions:
+    """Explicit ``(shard_index, shard_count)``, or by JAX process when both are None."""
+    if shard_index is None and shard_count is None:
+        return grain.sharding.ShardByJaxProcess(drop_remainder=drop_remainder)
+    if shard_index is None or shard_count is None or not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index={shard_index}, shard_count={shard_count}: give both, "
+                         "with 0 <= shard_index < shard_count, or neither (shard by JAX process)")
+    return grain.sharding.ShardOptions(shard_index=shard_index, shard_count=shard_count,
+                                       drop_remainder=drop_remainder)
+
+
+def make_loader(
+    source: Any,
+    batch_size_per_process: int,
+    image_size: int | Sequence[int] | None,
+    seed: int = 0,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    worker_count: int = 0,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+    drop_remainder: bool = True,
+    channels: int | None = None,
+    random_crop: bool = False,
+    random_flip: bool = False,
+    tokenizer: Callable[[str], Any] | None = None,
+    operations: Sequence[Any] | None = None,
+    worker_buffer_size: int = 1,
+) -> grain.DataLoaderIterator:
+    """Batches ``{"image": float32 (B, H, W, C) in [-1, 1], "label": int32 (B,), ...}``.
+
+    source: a random-access source (see :mod:`flaxdiff.data.sources`).
+    batch_size_per_process: examples per batch on this process (global batch / processes).
+    image_size: target (H, W) or int; ``None`` keeps the source size (must be uniform).
+    seed: seeds the shuffle and every random transform.
+    shuffle: a fresh permutation per epoch (of this process's shard).
+    num_epochs: passes over the data; ``None`` = infinite.
+    worker_count: grain worker processes (0 = in this process).
+    shard_index, shard_count: explicit shard; both None = ``ShardByJaxProcess``.
+    drop_remainder: drop the uneven tail of the shard split and the last short batch.
+    channels, random_crop, random_flip, tokenizer: see :func:`transforms.image_transforms`.
+    operations: replaces the default per-example transforms (batching is still appended).
+    """
+    if batch_size_per_process <= 0:
+        raise ValueError(f"batch_size_per_process={batch_size_per_process} must be positive")
+    if num_epochs is not None and num_epochs <= 0:
+        raise ValueError(f"num_epochs={num_epochs} must be positive or None (infinite)")
+    if worker_count < 0:
+        raise ValueError(f"worker_count={worker_count} must be >= 0")
+    if len(source) == 0:
+        raise ValueError(f"data source {source!r} is empty")
+    if worker_count > 0:
+        _mark_absl_flags_parsed()
+    if operations is None:
+        if image_size is None:
+            ops: list[Any] = ([T.ToChannels(channels)] if channels is not None else [])
+            ops.append(T.ScaleToSymmetric())
+            if tokenizer is not None:
+                ops.append(T.TokenizeCaption(tokenizer))
+        else:
+            ops = T.image_transforms(image_size, channels=channels, random_crop=random_crop,
+                                     random_flip=random_flip, tokenizer=tokenizer)
+    else:
+        ops = list(operations)
+    ops.append(grain.transforms.Batch(batch_size_per_process, drop_remainder=drop_remainder))
+    sampler = grain.samplers.IndexSampler(
+        num_records=len(source),
+        shard_options=shard_options(shard_index, shard_count, drop_remainder),
+        shuffle=shuffle, num_epochs=num_epochs, seed=seed)
+    loader = grain.DataLoader(data_source=source, sampler=sampler, operations=ops,
+                              worker_count=worker_count, worker_buffer_size=worker_buffer_size)
+    logger.info("data loader: %r, %d examples, batch %d per process, %s epochs, %d workers",
+                source, len(source), batch_size_per_process,
+                "infinite" if num_epochs is None else num_epochs, worker_count)
+    return iter(loader)
+
+
+def _mark_absl_flags_parsed() -> None:
+    """grain's worker processes read absl flags; mark them parsed when no absl app ran."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
