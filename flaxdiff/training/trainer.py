@@ -1,0 +1,435 @@
+"""DiffusionTrainer: model + schedule + predictor + weighting + time sampler + optax, one sharded jitted step.
+
+One update n (``grad_accum_steps = A`` micro-batches of the global batch B):
+
+    key_n = fold_in(rng, n);  micro-batch i = global rows {j A + i : j < B / A},  key_{n,i} = fold_in(key_n, i)
+    g = (1 / A) sum_i grad L(params; micro-batch i, key_{n,i})          (lax.scan over i, no optax.MultiSteps)
+    ok = isfinite(L) and isfinite(||g||)
+    params, opt_state <- optimizer(clip(g)) if ok else unchanged;  ema <- EMA(params) if ok else unchanged
+    bad_steps += not ok;  consecutive_bad = 0 if ok else consecutive_bad + 1;  n <- n + 1
+
+The step is jitted once with NamedShardings over the ("data", "fsdp") mesh and donates the old state. The host
+reads the counters only at log intervals and stops after ``max_consecutive_bad_steps`` bad steps in a row.
+SIGTERM / SIGINT finish the current step, save and return.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from flaxdiff import losses
+from flaxdiff.predictors import Predictor
+from flaxdiff.schedules import NoiseSchedule
+from flaxdiff.training import parallel
+from flaxdiff.training.checkpoint import CheckpointManager, check_config
+from flaxdiff.training.config import TrainConfig, make_lr_schedule, make_optimizer
+from flaxdiff.training.logging import MetricsLogger
+from flaxdiff.training.state import TrainState, all_finite, ema_decay_at, ema_update
+
+logger = logging.getLogger(__name__)
+
+Array = jax.Array
+Batch = Mapping[str, Any]
+# sample_fn(ema_params, key) -> images (N, H, W, C) in [-1, 1]
+SampleFn = Callable[[Any, Array], Array]
+
+__all__ = ["DiffusionTrainer", "TrainingDiverged", "make_sample_fn"]
+
+
+class TrainingDiverged(RuntimeError):
+    """Raised after ``max_consecutive_bad_steps`` consecutive non-finite steps."""
+
+
+class DiffusionTrainer:
+    """Trains a Linen denoiser network with the diffusion loss on a ("data", "fsdp") mesh.
+
+    model: a Linen module called as ``model.apply({"params": p}, x, c_noise, cond, train=..., rngs={"dropout": k})``.
+    model_config: its JSON config (saved with checkpoints; ``flaxdiff.models.from_config`` must rebuild the module);
+        None takes ``model.config.to_config()`` when the module has one.
+    example_batch: one batch (or arrays/ShapeDtypeStructs of the right trailing shapes) used to initialise params.
+    image_key: the batch entry holding x0; every other entry (except "loss_mask") is conditioning.
+    mesh: defaults to ``make_mesh(fsdp=train_config.fsdp)`` over all devices of all processes.
+    workdir: metrics, TensorBoard, sample grids and ``<workdir>/checkpoints``; None keeps everything in memory.
+    sample_fn: optional ``sample_fn(ema_params, key) -> images`` for PNG grids every ``sample_every`` steps.
+    data_config: extra JSON saved under config["data"] (e.g. dataset name, image size).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        model_config: Mapping[str, Any] | None,
+        schedule: NoiseSchedule,
+        predictor: Predictor,
+        weighting: losses.Weighting,
+        time_sampler: losses.TimeSampler,
+        train_config: TrainConfig,
+        example_batch: Batch,
+        *,
+        image_key: str = "image",
+        mesh: jax.sharding.Mesh | None = None,
+        workdir: str | Path | None = None,
+        sample_fn: SampleFn | None = None,
+        data_config: Mapping[str, Any] | None = None,
+    ) -> None:
+        if model_config is None and hasattr(getattr(model, "config", None), "to_config"):
+            model_config = model.config.to_config()
+        self.model = model
+        self.schedule = schedule
+        self.predictor = predictor
+        self.weighting = weighting
+        self.time_sampler = time_sampler
+        self.config = train_config
+        self.image_key = image_key
+        self.mesh = mesh if mesh is not None else parallel.make_mesh(fsdp=train_config.fsdp)
+        self.workdir = Path(workdir) if workdir is not None else None
+        self.sample_fn = sample_fn
+        self.is_main = jax.process_index() == 0
+        if image_key not in example_batch:
+            raise ValueError(f"example_batch has no {image_key!r} entry; keys: {sorted(example_batch)}")
+        self._example = {k: jax.ShapeDtypeStruct((1,) + tuple(np.shape(v))[1:], jnp.result_type(v))
+                         for k, v in example_batch.items()}
+        self.full_config = {
+            "model": dict(model_config) if model_config is not None else None,
+            "schedule": schedule.to_config(),
+            "predictor": predictor.to_config(),
+            "weighting": weighting.to_config(),
+            "time_sampler": time_sampler.to_config(),
+            "train": train_config.to_config(),
+            "data": {
+                "image_key": image_key,
+                "shapes": {k: {"shape": list(v.shape[1:]), "dtype": str(v.dtype)} for k, v in self._example.items()},
+                **dict(data_config or {}),
+            },
+        }
+        self.tx = make_optimizer(train_config)
+        self.lr_schedule = make_lr_schedule(train_config)
+        self.compute_dtype = jnp.bfloat16 if train_config.compute_dtype == "bfloat16" else jnp.float32
+        self.state_shardings = self._state_shardings()
+        self._batch_sharding = parallel.batch_sharding(self.mesh)
+        replicated = parallel.replicated(self.mesh)
+        self._init_fn = jax.jit(self._init_state, out_shardings=self.state_shardings)
+        self._step_fn = jax.jit(self._train_step, in_shardings=(self.state_shardings, self._batch_sharding),
+                                out_shardings=(self.state_shardings, replicated), donate_argnums=(0,))
+        self._eval_fn = jax.jit(self._eval_step, in_shardings=(self.state_shardings, self._batch_sharding, None),
+                                out_shardings=replicated)
+        self._finite_fn = jax.jit(lambda s: all_finite((s.params, s.ema_params)), out_shardings=replicated)
+        self.checkpoints = (CheckpointManager(self.workdir / "checkpoints", max_to_keep=train_config.keep_checkpoints,
+                                              keep_best=train_config.keep_best,
+                                              async_save=train_config.async_checkpoints)
+                            if self.workdir is not None else None)
+        self.state: TrainState | None = None
+        self.history: list[dict[str, float]] = []
+        self._stop_requested = False
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Pure functions (jitted in __init__)
+
+    def _split_batch(self, batch: Batch) -> tuple[Array, dict[str, Array] | None, Array | None]:
+        x0 = batch[self.image_key]
+        cond = {k: v for k, v in batch.items() if k not in (self.image_key, "loss_mask")}
+        return x0, (cond or None), batch.get("loss_mask")
+
+    def apply_fn(self, train: bool, dropout_key: Array | None = None) -> losses.ApplyFn:
+        """apply(params, x, c_noise, cond) -> F in float32, computing in ``compute_dtype`` (params cast per call)."""
+        dtype = self.compute_dtype
+
+        def apply(params: Any, x: Array, c_noise: Array, cond: Any) -> Array:
+            if dtype != jnp.float32:
+                params = jax.tree.map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p,
+                                      params)
+                x = x.astype(dtype)
+            rngs = {"dropout": dropout_key} if dropout_key is not None else {}
+            out = self.model.apply({"params": params}, x, c_noise, cond, train=train, rngs=rngs)
+            return out.astype(jnp.float32)
+
+        return apply
+
+    def _init_state(self) -> TrainState:
+        base = jax.random.PRNGKey(self.config.seed)
+        init_key, rng = jax.random.split(base)
+        x0, cond, _ = self._split_batch({k: jnp.zeros(v.shape, v.dtype) for k, v in self._example.items()})
+        params_key, dropout_key = jax.random.split(init_key)
+        variables = self.model.init({"params": params_key, "dropout": dropout_key}, x0,
+                                    jnp.zeros((x0.shape[0],), jnp.float32), cond, train=False)
+        params = variables["params"]
+        zero = jnp.zeros((), jnp.int32)
+        return TrainState(step=zero, params=params, opt_state=self.tx.init(params),
+                          ema_params=jax.tree.map(jnp.copy, params), rng=rng, bad_steps=zero, consecutive_bad=zero)
+
+    def _state_shardings(self) -> TrainState:
+        abstract = jax.eval_shape(self._init_state)
+        fsdp = self.mesh.shape["fsdp"] > 1
+        shardings = parallel.tree_shardings(abstract, self.mesh, fsdp)
+        replicated = parallel.replicated(self.mesh)
+        return shardings.replace(step=replicated, rng=replicated, bad_steps=replicated, consecutive_bad=replicated)
+
+    def _micro_loss(self, params: Any, batch: Batch, key: Array, train: bool) -> tuple[Array, dict[str, Array]]:
+        dropout_key, loss_key = jax.random.split(key)
+        x0, cond, loss_mask = self._split_batch(batch)
+        return losses.diffusion_loss(
+            self.apply_fn(train, dropout_key if train else None), params, x0, cond, loss_key, self.schedule,
+            self.predictor, self.weighting, self.time_sampler,
+            cond_drop_prob=self.config.cond_drop_prob if train else 0.0, null_cond=self.config.null_cond,
+            loss_mask=loss_mask,
+        )
+
+    def loss_and_grads(self, params: Any, batch: Batch, key: Array) -> tuple[Array, Any]:
+        """Mean loss and gradient over ``grad_accum_steps`` micro-batches (rows j A + i form micro-batch i)."""
+        accum = self.config.grad_accum_steps
+
+        def one(micro: Batch, index: Array) -> tuple[Array, Any]:
+            grad_fn = jax.value_and_grad(lambda p: self._micro_loss(p, micro, jax.random.fold_in(key, index), True)[0])
+            return grad_fn(params)
+
+        if accum == 1:
+            return one(batch, jnp.int32(0))
+        spec = NamedSharding(self.mesh, P(None, parallel.DATA_AXES))
+
+        def to_micro(value: Array) -> Array:
+            value = value.reshape((value.shape[0] // accum, accum) + value.shape[1:]).swapaxes(0, 1)
+            return jax.lax.with_sharding_constraint(value, spec)
+
+        micro_batches = jax.tree.map(to_micro, dict(batch))
+
+        def body(carry: tuple[Array, Any], inputs: tuple[Batch, Array]) -> tuple[tuple[Array, Any], None]:
+            loss_sum, grad_sum = carry
+            loss, grads = one(*inputs)
+            return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (loss_sum, grad_sum), _ = jax.lax.scan(body, (jnp.float32(0.0), zeros),
+                                               (micro_batches, jnp.arange(accum, dtype=jnp.int32)))
+        return loss_sum / accum, jax.tree.map(lambda g: g / accum, grad_sum)
+
+    def _train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Array]]:
+        key = jax.random.fold_in(state.rng, state.step)
+        loss, grads = self.loss_and_grads(state.params, batch, key)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        decay = ema_decay_at(state.step, self.config.ema_decay, self.config.ema_warmup)
+        ema = ema_update(state.ema_params, params, decay)
+
+        def keep(new: Any, old: Any) -> Any:
+            return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+        bad = (~finite).astype(jnp.int32)
+        new_state = TrainState(
+            step=state.step + 1, params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
+            ema_params=keep(ema, state.ema_params), rng=state.rng, bad_steps=state.bad_steps + bad,
+            consecutive_bad=jnp.where(finite, 0, state.consecutive_bad + 1),
+        )
+        metrics = {
+            "loss": loss, "grad_norm": grad_norm, "finite": finite.astype(jnp.float32),
+            "lr": self.lr_schedule(state.step - state.bad_steps), "ema_decay": decay,
+            "bad_steps": new_state.bad_steps, "consecutive_bad": new_state.consecutive_bad,
+        }
+        return new_state, metrics
+
+    def _eval_step(self, state: TrainState, batch: Batch, key: Array) -> dict[str, Array]:
+        return {"val_loss": self._micro_loss(state.ema_params, batch, key, False)[0],
+                "val_loss_raw": self._micro_loss(state.params, batch, key, False)[0]}
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Host side
+
+    def init(self) -> TrainState:
+        """A fresh state from ``train_config.seed``, placed on the mesh."""
+        self.state = self._init_fn()
+        return self.state
+
+    def global_batch(self, local_batch: Batch) -> dict[str, Array]:
+        """This process's rows -> global arrays on the mesh (checks divisibility by devices x grad_accum_steps)."""
+        first = np.shape(next(iter(local_batch.values())))[0] * jax.process_count()
+        parallel.check_global_batch(first, self.mesh, self.config.grad_accum_steps)
+        return parallel.make_global_batch(local_batch, self.mesh)
+
+    def train_step(self, local_batch: Batch) -> dict[str, Array]:
+        """One update on this process's rows; returns the (device) metrics without waiting for them."""
+        if self.state is None:
+            self.init()
+        self.state, metrics = self._step_fn(self.state, self.global_batch(local_batch))
+        return metrics
+
+    def evaluate(self, batches: Iterator[Batch], num_batches: int) -> dict[str, float]:
+        """Mean validation loss (EMA params: val_loss; raw params: val_loss_raw) over ``num_batches`` with fixed
+        keys fold_in(PRNGKey(seed + 1), i), so evaluations at different steps are comparable."""
+        totals: dict[str, float] = {}
+        count = 0
+        base = jax.random.PRNGKey(self.config.seed + 1)
+        for index in range(num_batches):
+            try:
+                local = next(batches)
+            except StopIteration:
+                break
+            out = jax.device_get(self._eval_fn(self.state, self.global_batch(local), jax.random.fold_in(base, index)))
+            for key, value in out.items():
+                totals[key] = totals.get(key, 0.0) + float(value)
+            count += 1
+        return {key: value / max(count, 1) for key, value in totals.items()}
+
+    def restore(self, data_iterator: Any = None, step: int | None = None) -> bool:
+        """Restore the latest (or given) checkpoint of ``workdir`` if there is one; returns whether it did.
+
+        The saved config must match this run's (run-only settings aside), else ValueError naming the keys.
+        """
+        if self.checkpoints is None:
+            return False
+        step = self.checkpoints.latest_step() if step is None else step
+        if step is None:
+            return False
+        check_config(self.checkpoints.config(step), self.full_config, self.checkpoints.directory / str(step))
+        abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                jax.eval_shape(self._init_state), self.state_shardings)
+        state, data_state = self.checkpoints.restore(step, abstract, with_data=data_iterator is not None)
+        self.state = state
+        if data_iterator is not None and data_state is not None:
+            data_iterator.set_state(data_state)
+        logger.info("restored step %d from %s", step, self.checkpoints.directory)
+        return True
+
+    def save(self, data_iterator: Any = None, metrics: Mapping[str, float] | None = None) -> int:
+        """Checkpoint the current state (asynchronously) with the data position and config; returns the step.
+
+        Refuses (ValueError) to save non-finite params, which the skipped updates make impossible in practice.
+        """
+        if self.checkpoints is None:
+            raise ValueError("save() needs a workdir; the trainer was built with workdir=None")
+        step = int(jax.device_get(self.state.step))
+        if not bool(jax.device_get(self._finite_fn(self.state))):
+            raise ValueError(f"refusing to checkpoint step {step}: params or EMA params are not finite")
+        data_state = data_iterator.get_state() if hasattr(data_iterator, "get_state") else None
+        self.checkpoints.save(step, self.state, self.full_config, data_state, metrics)
+        return step
+
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def handler(signum: int, frame: Any) -> None:
+            logger.warning("received signal %d: finishing this step, saving and stopping", signum)
+            self._stop_requested = True
+
+        previous = {}
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            previous[signum] = signal.signal(signum, handler)
+        return previous
+
+    def _should_stop(self, step: int) -> bool:
+        if jax.process_count() == 1:
+            return self._stop_requested
+        if step % self.config.log_every:
+            return False
+        from jax.experimental import multihost_utils
+
+        flags = multihost_utils.process_allgather(np.int32(self._stop_requested))
+        return bool(np.any(flags))
+
+    def fit(self, data: Iterator[Batch], val_data: Callable[[], Iterator[Batch]] | None = None,
+            resume: bool = True, total_steps: int | None = None) -> TrainState:
+        """Train until ``total_steps`` (default ``train_config.total_steps``), the data ends, or a signal.
+
+        data: iterator of this process's batches (dicts of arrays); with get_state()/set_state() its position is
+        checkpointed and restored. val_data: a callable returning a fresh validation iterator.
+        resume: continue from the latest checkpoint in ``workdir`` (one flag).
+        """
+        cfg = self.config
+        total = cfg.total_steps if total_steps is None else total_steps
+        if self.state is None and not (resume and self.restore(data)):
+            self.init()
+        step = int(jax.device_get(self.state.step))
+        metrics_logger = MetricsLogger(self.workdir, total, step, enabled=self.is_main)
+        previous_handlers = self._install_signal_handlers()
+        last_saved = step if self.checkpoints is not None and self.checkpoints.latest_step() == step else None
+        self._stop_requested = False
+        stopped = False
+        try:
+            while step < total:
+                if self._should_stop(step):
+                    stopped = True
+                    break
+                try:
+                    local = next(data)
+                except StopIteration:
+                    logger.info("data exhausted at step %d", step)
+                    break
+                if step == 0 or metrics_logger.global_batch == 1:
+                    metrics_logger.global_batch = np.shape(local[self.image_key])[0] * jax.process_count()
+                metrics = self.train_step(local)
+                step += 1
+                if step % cfg.log_every == 0 or step == total:
+                    self._log(step, metrics, metrics_logger)
+                eval_metrics = None
+                if val_data is not None and cfg.eval_every and step % cfg.eval_every == 0:
+                    eval_metrics = self.evaluate(val_data(), cfg.eval_batches)
+                    metrics_logger.log(step, eval_metrics, prefix="eval")
+                if self.sample_fn is not None and cfg.sample_every and step % cfg.sample_every == 0:
+                    self._sample_grid(step, metrics_logger)
+                if self.checkpoints is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                    self.save(data, eval_metrics)
+                    last_saved = step
+            if self._stop_requested or stopped:
+                stopped = True
+                logger.warning("stopping at step %d on signal", step)
+        finally:
+            for signum, handler in previous_handlers.items():
+                signal.signal(signum, handler)
+            metrics_logger.close()
+        if self.checkpoints is not None:
+            if last_saved != step:
+                self.save(data)
+            self.checkpoints.wait()
+        return self.state
+
+    def _log(self, step: int, metrics: Mapping[str, Array], metrics_logger: MetricsLogger) -> None:
+        host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        self.history.append({"step": step, **host})
+        metrics_logger.log(step, host)
+        logger.debug("step %d: %s", step, host)
+        if host["consecutive_bad"] >= self.config.max_consecutive_bad_steps:
+            raise TrainingDiverged(
+                f"stopping at step {step}: {int(host['consecutive_bad'])} consecutive non-finite steps "
+                f"(max_consecutive_bad_steps={self.config.max_consecutive_bad_steps}, {int(host['bad_steps'])} in "
+                f"total); the last checkpoint holds finite params — lower the learning rate or check the data"
+            )
+
+    def _sample_grid(self, step: int, metrics_logger: MetricsLogger) -> None:
+        key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed + 2), step)
+        images = jax.device_get(self.sample_fn(self.state.ema_params, key))
+        if self.is_main:
+            metrics_logger.log_images(step, np.asarray(images))
+
+    def close(self) -> None:
+        if self.checkpoints is not None:
+            self.checkpoints.close()
+
+
+def make_sample_fn(trainer: DiffusionTrainer, num_images: int = 16, sampler: str = "euler", steps: int = 20,
+                   guidance_scale: float = 1.0, cond: Mapping[str, Any] | None = None) -> SampleFn:
+    """sample_fn(ema_params, key) -> images through ``flaxdiff.samplers.sample_model`` (imported on first use)."""
+    shape = (num_images,) + tuple(trainer._example[trainer.image_key].shape[1:])
+    null_cond = trainer.config.null_cond
+
+    def sample_fn(params: Any, key: Array) -> Array:
+        from flaxdiff import samplers
+
+        noise_key, sample_key = jax.random.split(key)
+        noise = jax.random.normal(noise_key, shape)
+        samples, _ = samplers.sample_model(trainer.apply_fn(False), params, trainer.schedule, trainer.predictor,
+                                           noise, cond, sampler=sampler, steps=steps, guidance_scale=guidance_scale,
+                                           null_cond=null_cond, key=sample_key)
+        return samples
+
+    return sample_fn
