@@ -151,6 +151,7 @@ class CheckpointManager:
             preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
             enable_async_checkpointing=async_save,
             create=True,
+            cleanup_tmp_directories=True,
         )
         self._manager = ocp.CheckpointManager(
             self.directory, options=options,
