@@ -1,0 +1,17 @@
+"""Weights in and out of flaxdiff: diffusers ``AutoencoderKL`` (Stable Diffusion / SDXL / Flux VAEs) and
+safetensors export/import of any flaxdiff model with its JSON config.
+
+- :func:`load_autoencoder` (a diffusers VAE dir, a flaxdiff export dir or a training checkpoint dir)
+  -> ``(module, params, config)``;
+- :mod:`~flaxdiff.interop.diffusers_vae`: the explicit torch <-> flax key and layout map, loading and saving;
+- :mod:`~flaxdiff.interop.safetensors_io`: :func:`export_params`, :func:`import_params`, :func:`load_model`,
+  :func:`export_checkpoint`.
+"""
+from flaxdiff.interop import diffusers_vae, safetensors_io
+from flaxdiff.interop.diffusers_vae import load_autoencoder, load_diffusers_autoencoder, save_diffusers_autoencoder
+from flaxdiff.interop.safetensors_io import export_checkpoint, export_params, import_params, load_model
+
+__all__ = [
+    "diffusers_vae", "export_checkpoint", "export_params", "import_params", "load_autoencoder",
+    "load_diffusers_autoencoder", "load_model", "safetensors_io", "save_diffusers_autoencoder",
+]
