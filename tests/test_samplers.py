@@ -1,0 +1,245 @@
+"""Shared sampler battery: exact Gaussian solutions, convergence orders, NFE, retracing, seeds, schedules."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flaxdiff import predictors, samplers, schedules, timesteps
+from flaxdiff.predictors import EDMPredictor, noise_level
+from flaxdiff.samplers.common import sub_key
+
+MU, S0 = 0.5, 0.7
+DETERMINISTIC = {
+    "ddim": {}, "euler": {}, "heun": {}, "rk4": {}, "dpm_2": {}, "dpmpp_2m": {}, "unipc": {},
+    "dpmpp_2s_ancestral": {"eta": 0.0}, "dpmpp_2m_sde": {"eta": 0.0}, "dpmpp_3m_sde": {"eta": 0.0},
+    "dpm_adaptive": {"rtol": 1e-4, "atol": 1e-4},
+}
+STOCHASTIC = {
+    "ddpm": {}, "ddim": {"eta": 1.0}, "euler_ancestral": {}, "dpmpp_2s_ancestral": {}, "dpmpp_2m_sde": {},
+    "dpmpp_3m_sde": {}, "euler": {"s_churn": 10.0}, "heun": {"s_churn": 10.0},
+}
+
+
+def exact_denoiser(x, sigma):
+    """Posterior mean for x0 ~ N(MU, S0^2 I) under VE noise of level sigma (shape (B,))."""
+    sigma = sigma.reshape((-1,) + (1,) * (x.ndim - 1))
+    return MU + S0**2 / (S0**2 + sigma**2) * (x - MU)
+
+
+def exact_flow(x_start, s_start, s_end):
+    """PF-ODE solution x(s) = MU + sqrt(S0^2 + s^2) / sqrt(S0^2 + s_start^2) (x_start - MU)."""
+    return MU + np.sqrt(S0**2 + s_end**2) / np.sqrt(S0**2 + s_start**2) * (x_start - MU)
+
+
+def exact_apply_fn(schedule, predictor):
+    """A 'network' whose output is exactly the predictor's target for the Gaussian data."""
+
+    def apply_fn(params, net_in, c_noise, cond):
+        if isinstance(predictor, EDMPredictor):
+            t = schedule.t_from_sigma_ratio(jnp.exp(4.0 * c_noise))
+            level = noise_level(schedule, t)
+            x_t = net_in / predictor.coefficients(level)[2].reshape(-1, 1)
+        else:
+            level = noise_level(schedule, c_noise / 1000.0)
+            x_t = net_in
+        alpha, sigma = level.alpha.reshape(-1, 1), level.sigma.reshape(-1, 1)
+        x0 = exact_denoiser(x_t / alpha, (sigma / alpha)[:, 0])
+        eps = (x_t - alpha * x0) / sigma
+        return predictor.target(x0, eps, level)
+
+    return apply_fn
+
+
+@pytest.fixture(scope="module")
+def noise():
+    return jax.random.normal(jax.random.PRNGKey(0), (4096, 2))
+
+
+def test_registry_lists_every_sampler_and_rejects_bad_names():
+    expected = {"ddpm", "ddim", "euler", "euler_ancestral", "heun", "rk4", "dpm_2", "dpmpp_2s_ancestral",
+                "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "unipc", "dpm_adaptive"}
+    assert expected <= set(samplers.available())
+    with pytest.raises(ValueError, match="unknown sampler 'nope'; available: .*dpmpp_2m"):
+        samplers.get("nope")
+
+
+@pytest.mark.parametrize("name, options, match", [
+    ("ddim", {"eta": -0.5}, "eta=-0.5"),
+    ("euler_ancestral", {"eta": -1.0}, "eta=-1.0"),
+    ("unipc", {"order": 4}, "order=4"),
+    ("unipc", {"variant": "bh3"}, "variant='bh3'"),
+    ("dpmpp_2m_sde", {"solver_type": "rk"}, "solver_type='rk'"),
+    ("heun", {"bogus": 1}, "bad arguments for sampler 'heun'"),
+])
+def test_bad_options_raise(name, options, match):
+    with pytest.raises(ValueError, match=match):
+        samplers.get(name, **options)
+
+
+def test_driver_errors(noise):
+    with pytest.raises(ValueError, match="steps=0"):
+        samplers.sample(exact_denoiser, noise, sampler="euler", steps=0)
+    with pytest.raises(ValueError, match="not strictly decreasing"):
+        samplers.sample(exact_denoiser, noise, sampler="euler", grid=[1.0, 2.0, 0.0])
+    with pytest.raises(ValueError, match="unknown grid 'fancy'; available: .*karras"):
+        samplers.sample(exact_denoiser, noise, sampler="euler", grid="fancy")
+    with pytest.raises(ValueError, match="'ddpm' is stochastic"):
+        samplers.sample(exact_denoiser, noise, sampler="ddpm")
+
+
+ORDERS = [
+    ("euler", {}, 1.0, (8, 16, 32, 64)),
+    ("ddim", {}, 1.0, (8, 16, 32, 64)),
+    ("heun", {}, 2.0, (8, 16, 32, 64)),
+    ("dpm_2", {}, 2.0, (8, 16, 32, 64)),
+    ("dpmpp_2m", {}, 2.0, (8, 16, 32, 64)),
+    ("rk4", {}, 4.0, (8, 16, 32, 64)),
+    ("unipc", {"order": 3, "corrector": False}, 3.0, (16, 32, 64, 128)),
+    ("unipc", {"order": 3, "corrector": True}, 4.0, (8, 16, 32, 64)),
+]
+
+
+@pytest.mark.parametrize("name, options, order, steps_list", ORDERS)
+def test_convergence_order_on_gaussian(x64, name, options, order, steps_list):
+    """Endpoint error against the closed-form PF-ODE solution; log-log slope within 0.3 of theory.
+
+    UniPC with its corrector (UniC) gains one order over the predictor (Zhao et al. 2023, Thm 3.3)."""
+    start = jax.random.normal(jax.random.PRNGKey(1), (4, 3), jnp.float64)
+    errors = []
+    for steps in steps_list:
+        grid = timesteps.karras(steps, 0.02, 20.0)
+        x, _ = samplers.sample(exact_denoiser, start, sampler=name, grid=grid, **options)
+        reference = exact_denoiser(exact_flow(start * grid[0], grid[0], grid[-2]), jnp.full((4,), grid[-2]))
+        errors.append(float(jnp.sqrt(jnp.mean((x - reference) ** 2))))
+    slope = -np.polyfit(np.log(steps_list), np.log(errors), 1)[0]
+    assert abs(slope - order) <= 0.3, (errors, slope)
+
+
+@pytest.mark.parametrize("name", sorted(DETERMINISTIC))
+def test_deterministic_samplers_reach_exact_solution(x64, name):
+    start = jax.random.normal(jax.random.PRNGKey(2), (4, 3), jnp.float64)
+    grid = timesteps.karras(48, 0.01, 40.0)
+    x, _ = samplers.sample(exact_denoiser, start, sampler=name, grid=grid, **DETERMINISTIC[name])
+    reference = exact_denoiser(exact_flow(start * grid[0], grid[0], grid[-2]), jnp.full((4,), grid[-2]))
+    tolerance = 0.1 if name in ("ddim", "euler") else 1e-2
+    assert float(jnp.max(jnp.abs(x - reference))) < tolerance
+
+
+FIRST_ORDER_SDE = ("ddpm", "ddim", "euler_ancestral", "euler")
+
+
+@pytest.mark.parametrize("name", sorted(STOCHASTIC))
+def test_stochastic_samplers_match_gaussian_moments(noise, name):
+    """100 karras steps, 4096 x 2 samples: mean within 0.03; std within 0.03 (0.06 for first-order SDE steps,
+    whose O(1/N) variance bias is about -0.04 here)."""
+    key = jax.random.PRNGKey(3)
+    x, _ = samplers.sample(exact_denoiser, noise, sampler=name, steps=100, grid="karras", key=key,
+                           **STOCHASTIC[name])
+    assert abs(float(x.mean()) - MU) < 0.03
+    assert abs(float(x.std()) - S0) < (0.06 if name in FIRST_ORDER_SDE else 0.03)
+    again, _ = samplers.sample(exact_denoiser, noise, sampler=name, steps=100, grid="karras", key=key,
+                               **STOCHASTIC[name])
+    other, _ = samplers.sample(exact_denoiser, noise, sampler=name, steps=100, grid="karras",
+                               key=jax.random.PRNGKey(4), **STOCHASTIC[name])
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(again))
+    assert float(jnp.max(jnp.abs(x - other))) > 1e-2
+
+
+SCHEDULE_PREDICTOR = [
+    (schedules.get("cosine"), predictors.get("epsilon")),
+    (schedules.get("ve", sigma_min=0.002, sigma_max=80.0), predictors.get("edm")),
+    (schedules.get("rectified_flow"), predictors.get("velocity")),
+    (schedules.get("cosine_continuous"), predictors.get("v")),
+]
+
+
+@pytest.mark.parametrize("name", samplers.available())
+def test_every_sampler_on_every_schedule_family(noise, name):
+    """Through sample_model with an exact network: same answer as the plain VE run on the same grid."""
+    options = {**DETERMINISTIC.get(name, {}), **STOCHASTIC.get(name, {})} if name not in DETERMINISTIC else \
+        DETERMINISTIC[name]
+    key = jax.random.PRNGKey(5)
+    grid = timesteps.karras(12, 0.01, 80.0)
+    plain, nfe_plain = samplers.sample(exact_denoiser, noise[:64], sampler=name, grid=grid, key=key, **options)
+    for schedule, predictor in SCHEDULE_PREDICTOR:
+        x, nfe = samplers.sample_model(exact_apply_fn(schedule, predictor), None, schedule, predictor,
+                                       noise=noise[:64], sampler=name, grid=grid, key=key, **options)
+        assert int(nfe) == int(nfe_plain)
+        np.testing.assert_allclose(np.asarray(x), np.asarray(plain), atol=2e-3, err_msg=f"{schedule}, {predictor}")
+
+
+def test_zero_terminal_snr_schedule_starts_at_capped_sigma(noise):
+    schedule = schedules.get("rectified_flow")
+    grid = timesteps.get("karras", 30, schedule=schedule)
+    assert grid[0] == pytest.approx(timesteps.SIGMA_RATIO_CAP) and grid[-1] == 0.0 and grid[-2] > 0
+    x, _ = samplers.sample_model(exact_apply_fn(schedule, predictors.get("velocity")), None, schedule, "velocity",
+                                 noise=noise[:64], sampler="heun", steps=30, grid="karras")
+    reference = exact_denoiser(exact_flow(noise[:64] * grid[0], grid[0], grid[-2]), jnp.full((64,), grid[-2]))
+    assert float(jnp.sqrt(jnp.mean((x - reference) ** 2))) < 0.05
+
+
+@pytest.mark.parametrize("name", samplers.available())
+def test_nfe_equals_counted_denoiser_calls(name):
+    calls = []
+
+    def counting(x, sigma):
+        jax.debug.callback(lambda: calls.append(1))
+        return exact_denoiser(x, sigma)
+
+    options = STOCHASTIC.get(name, {}) if name not in DETERMINISTIC else {}
+    x, nfe = samplers.sample(counting, jnp.ones((2, 3)), sampler=name, steps=5, key=jax.random.PRNGKey(0),
+                             **options)
+    jax.block_until_ready(x)
+    jax.effects_barrier()
+    assert len(calls) == int(nfe) > 0
+    if name != "dpm_adaptive":
+        assert int(nfe) == samplers.get(name).nfe_per_step * 4 + 1
+
+
+def test_sampling_compiles_once_per_shape():
+    traces = []
+
+    def tracing(x, sigma):
+        traces.append(1)
+        return exact_denoiser(x, sigma)
+
+    counts = []
+    for seed in range(3):
+        x = jax.random.normal(jax.random.PRNGKey(seed), (8, 2))
+        samplers.sample(tracing, x, sampler="dpmpp_2m", steps=7, grid="karras", sigma_max=50.0 + seed)
+        counts.append(len(traces))
+    assert counts[0] > 0 and counts == [counts[0]] * 3
+
+
+def test_per_sample_seeds_do_not_depend_on_batch():
+    schedule, predictor = schedules.get("cosine"), predictors.get("epsilon")
+    apply_fn = exact_apply_fn(schedule, predictor)
+    keys = jax.random.split(jax.random.PRNGKey(7), 8)
+    batch, _ = samplers.sample_model(apply_fn, None, schedule, predictor, sampler="euler_ancestral", steps=6,
+                                     sample_keys=keys, shape=(8, 3))
+    for i in (0, 5):
+        single, _ = samplers.sample_model(apply_fn, None, schedule, predictor, sampler="euler_ancestral", steps=6,
+                                          sample_keys=keys[i:i + 1], shape=(1, 3))
+        np.testing.assert_allclose(np.asarray(single[0]), np.asarray(batch[i]), rtol=1e-6, atol=1e-6)
+
+
+def test_img2img_runs_the_tail_of_the_grid(noise):
+    schedule, predictor = schedules.get("ve", sigma_min=0.002, sigma_max=80.0), predictors.get("x0")
+    init = jnp.full((16, 2), 2.0)
+    x, nfe = samplers.sample_model(exact_apply_fn(schedule, predictor), None, schedule, predictor,
+                                   noise=noise[:16], sampler="euler", steps=10, grid="karras", init_image=init,
+                                   strength=0.3)
+    assert int(nfe) == 3
+    grid = timesteps.karras(10, 0.002, 80.0)[7:]
+    expected, _ = samplers.run(samplers.get("euler"), lambda x_, s: exact_denoiser(x_, jnp.full((16,), s)),
+                               init + grid[0] * noise[:16], jnp.asarray(grid, jnp.float32), None, True)
+    np.testing.assert_allclose(np.asarray(x), np.asarray(expected), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="strength=1.5"):
+        samplers.sample_model(exact_apply_fn(schedule, predictor), None, schedule, predictor, noise=noise[:16],
+                              init_image=init, strength=1.5)
+
+
+def test_per_sample_keys_fold_in_row_wise():
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    folded = sub_key(keys, 4)
+    np.testing.assert_array_equal(np.asarray(folded[1]), np.asarray(jax.random.fold_in(keys[1], 4)))
