@@ -1,5 +1,7 @@
 """Interop: diffusers AutoencoderKL weights against torch, the key/layout map, safetensors export/import."""
+import inspect
 import json
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -192,6 +194,20 @@ def test_unsupported_diffusers_configs_are_rejected(override, message):
             "up_block_types": ["UpDecoderBlock2D"] * 2}
     with pytest.raises(ValueError, match=message):
         diffusers_vae.autoencoder_config_from_diffusers({**base, **override})
+
+
+def test_config_defaults_follow_diffusers_and_unknown_fields_are_logged(caplog):
+    signature = inspect.signature(TorchAutoencoderKL.__init__).parameters
+    torch_defaults = {name: list(p.default) if isinstance(p.default, tuple) else p.default
+                      for name, p in signature.items() if name != "self"}
+    assert torch_defaults == diffusers_vae._DIFFUSERS_DEFAULTS
+    with caplog.at_level(logging.WARNING, logger=diffusers_vae.__name__):
+        config = diffusers_vae.autoencoder_config_from_diffusers(
+            {"_class_name": "AutoencoderKL", "_diffusers_version": "0.42.1", "sample_size": 512, "force_upcast": True})
+        assert caplog.records == []
+        assert config == models.AutoencoderConfig(block_out_channels=(64,), layers_per_block=1)
+        diffusers_vae.autoencoder_config_from_diffusers({"new_knob": 1, "latents_mean": [0.0] * 4})
+    assert "ignoring unknown fields ['new_knob']" in caplog.text and "latents_mean/latents_std" in caplog.text
 
 
 def test_missing_weights_file_error_lists_candidates(sd_vae, tmp_path):

@@ -120,7 +120,6 @@ def diffusers_config_from_autoencoder(config: AutoencoderConfig) -> dict[str, An
         "block_out_channels": list(config.block_out_channels), "layers_per_block": config.layers_per_block,
         "latent_channels": config.latent_channels, "norm_num_groups": config.norm_num_groups,
         "scaling_factor": config.scaling_factor, "shift_factor": config.shift_factor,
-        "force_upcast": config.dtype == "float32",
     }
 
 
