@@ -106,6 +106,9 @@ class DiffusionTrainer:
             "weighting": weighting.to_config(),
             "time_sampler": time_sampler.to_config(),
             "train": train_config.to_config(),
+            # total_steps may change on resume, but not when the LR decay is defined by it
+            "lr_decay_steps": 0 if train_config.lr_decay == "constant" else
+            (train_config.decay_steps or train_config.total_steps),
             "data": {
                 "image_key": image_key,
                 "shapes": {k: {"shape": list(v.shape[1:]), "dtype": str(v.dtype)} for k, v in self._example.items()},

@@ -58,7 +58,8 @@ def main() -> None:
     source = data.digits_source("train")
     loader = SlowIterator(data.make_loader(source, batch_size_per_process=args.batch, image_size=8, seed=0),
                           args.step_delay)
-    config = TrainConfig(learning_rate=3e-3, warmup_steps=3, lr_decay="cosine", total_steps=args.steps,
+    config = TrainConfig(learning_rate=3e-3, warmup_steps=3, lr_decay="cosine", decay_steps=50,
+                         total_steps=args.steps,
                          ema_decay=0.99, cond_drop_prob=0.2, null_cond={"label": 10}, log_every=1,
                          checkpoint_every=args.checkpoint_every, keep_checkpoints=2)
     model = TinyDenoiser(features=8, num_classes=10)

@@ -1,0 +1,86 @@
+"""Two processes on localhost joined by jax.distributed.initialize (gloo on CPU): they train the tiny model on
+their own grain shards, agree on every loss, write one checkpoint together, restore it and continue; a process whose
+peer is killed exits with an error instead of hanging. Every launch is bounded by a timeout."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+HELPER = Path(__file__).parent / "helpers" / "run_train.py"
+TIMEOUT = 120
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    """One persistent compilation cache for every launch of this module (same programs, compiled once)."""
+    return tmp_path_factory.mktemp("jax_cache")
+
+
+def _launch(workdir: Path, tmp: Path, steps: int, tag: str, cache: Path, delay: float = 0.0) -> list[subprocess.Popen]:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(cache),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
+    port = _free_port()
+    return [subprocess.Popen(
+        [sys.executable, str(HELPER), "--workdir", str(workdir), "--steps", str(steps), "--checkpoint-every", "3",
+         "--batch", "4", "--step-delay", str(delay), "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+         "--process-id", str(i), "--out", str(tmp / f"{tag}_{i}.json")],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+
+
+def _finish(procs: list[subprocess.Popen], tmp: Path, tag: str) -> list[dict]:
+    try:
+        outputs = [proc.communicate(timeout=TIMEOUT) for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    for proc, (_, stderr) in zip(procs, outputs):
+        assert proc.returncode == 0, stderr[-3000:]
+    return [json.loads((tmp / f"{tag}_{i}.json").read_text()) for i in range(2)]
+
+
+def test_two_processes_train_checkpoint_and_restore(tmp_path, cache):
+    workdir = tmp_path / "run"
+    first = _finish(_launch(workdir, tmp_path, 6, "first", cache), tmp_path, "first")
+    assert first[0]["start"] == first[1]["start"] == 0
+    assert list(first[0]["losses"]) == [str(s) for s in range(1, 7)]
+    assert first[0]["losses"] == first[1]["losses"]
+    assert first[0]["params"] == first[1]["params"]
+    data_files = sorted(p.name for p in (workdir / "checkpoints" / "6" / "data").glob("*.json"))
+    assert data_files == ["process_0-of-2.json", "process_1-of-2.json"]
+
+    second = _finish(_launch(workdir, tmp_path, 8, "second", cache), tmp_path, "second")
+    assert second[0]["start"] == second[1]["start"] == 6
+    assert list(second[0]["losses"]) == ["7", "8"]
+    assert second[0]["losses"] == second[1]["losses"]
+    assert second[0]["params"] == second[1]["params"] != first[0]["params"]
+
+
+def test_a_process_whose_peer_dies_exits_instead_of_hanging(tmp_path, cache):
+    workdir = tmp_path / "run"
+    procs = _launch(workdir, tmp_path, 6, "peer", cache, delay=1.0)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not (workdir / "metrics.jsonl").exists() or len((workdir / "metrics.jsonl").read_text().splitlines()) < 3:
+            assert procs[0].poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        procs[1].send_signal(signal.SIGKILL)
+        _, stderr = procs[0].communicate(timeout=TIMEOUT)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    assert procs[0].returncode != 0
+    assert "heartbeat" in stderr or "Connection closed" in stderr or "peer" in stderr.lower(), stderr[-2000:]
