@@ -11,7 +11,7 @@ import pytest
 
 from flaxdiff import losses, predictors, schedules
 from flaxdiff.training import (DiffusionTrainer, TrainConfig, TrainingDiverged, load_components, load_config,
-                               load_params, make_lr_schedule, make_mesh)
+                               load_params, make_lr_schedule, make_mesh, make_sample_fn)
 from flaxdiff.training.checkpoint import config_differences
 from flaxdiff.training.logging import image_grid
 from helpers.tiny_model import MODEL_CONFIG, TinyDenoiser, toy_batches
@@ -121,13 +121,15 @@ def test_lr_schedule_warmup_then_cosine():
 def nan_run(tmp_path_factory):
     """Adam run where the batch of step 3 holds a NaN; checkpoint every 3 steps."""
     workdir = tmp_path_factory.mktemp("nan_run")
-    config = TrainConfig(learning_rate=1e-2, total_steps=2, log_every=1, checkpoint_every=3, ema_decay=0.9)
+    config = TrainConfig(learning_rate=1e-2, total_steps=2, log_every=1, checkpoint_every=3, ema_decay=0.9,
+                         eval_every=4, eval_batches=2, sample_every=4, keep_best=True)
     trainer = _trainer(config, workdir=workdir)
+    trainer.sample_fn = make_sample_fn(trainer, num_images=4, steps=2)
     data = toy_batches(2, BATCH)
     data.nan_at = {2}
     trainer.fit(data)
     before = jax.device_get((trainer.state.params, trainer.state.opt_state, trainer.state.ema_params))
-    trainer.fit(data, total_steps=4)
+    trainer.fit(data, val_data=lambda: toy_batches(99, BATCH), total_steps=4)
     trainer.close()
     return trainer, workdir, before
 
@@ -160,8 +162,15 @@ def test_checkpoint_restores_state_and_data_position(nan_run):
     assert config["model"] == MODEL_CONFIG
     assert config["data"]["shapes"]["image"] == {"shape": [8, 8, 1], "dtype": "float32"}
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    train = [r for r in records if "train/loss" in r]
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    (evaluation,) = [r for r in records if "eval/val_loss" in r]
+    assert evaluation["step"] == 4 and np.isfinite(evaluation["eval/val_loss"])
     assert any((workdir / "tensorboard").iterdir())
+    from PIL import Image
+
+    grid = Image.open(workdir / "samples" / "step_00000004.png")
+    assert grid.size == (16, 16)
 
 
 def test_config_mismatch_on_resume_names_the_keys(nan_run):

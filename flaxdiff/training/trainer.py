@@ -419,11 +419,14 @@ class DiffusionTrainer:
             self.checkpoints.close()
 
 
-def make_sample_fn(trainer: DiffusionTrainer, num_images: int = 16, sampler: str = "euler", steps: int = 20,
-                   guidance_scale: float = 1.0, cond: Mapping[str, Any] | None = None) -> SampleFn:
-    """sample_fn(ema_params, key) -> images through ``flaxdiff.samplers.sample_model`` (imported on first use)."""
+def make_sample_fn(trainer: DiffusionTrainer, num_images: int = 16, sampler: str | None = None, steps: int = 20,
+                   guidance_scale: float | None = None, cond: Mapping[str, Any] | None = None) -> SampleFn:
+    """A jitted sample_fn(ema_params, key) -> images in [-1, 1] through ``flaxdiff.samplers.sample_model``
+    (imported on first use; sampler None means its default). Guidance uses ``train_config.null_cond``."""
     shape = (num_images,) + tuple(trainer._example[trainer.image_key].shape[1:])
-    null_cond = trainer.config.null_cond
+    options: dict[str, Any] = {} if sampler is None else {"sampler": sampler}
+    if guidance_scale is not None:
+        options.update(guidance_scale=guidance_scale, null_cond=trainer.config.null_cond)
 
     def sample_fn(params: Any, key: Array) -> Array:
         from flaxdiff import samplers
@@ -431,8 +434,7 @@ def make_sample_fn(trainer: DiffusionTrainer, num_images: int = 16, sampler: str
         noise_key, sample_key = jax.random.split(key)
         noise = jax.random.normal(noise_key, shape)
         samples, _ = samplers.sample_model(trainer.apply_fn(False), params, trainer.schedule, trainer.predictor,
-                                           noise, cond, sampler=sampler, steps=steps, guidance_scale=guidance_scale,
-                                           null_cond=null_cond, key=sample_key)
-        return samples
+                                           noise, cond, steps=steps, key=sample_key, **options)
+        return jnp.clip(samples, -1.0, 1.0)
 
-    return sample_fn
+    return jax.jit(sample_fn)
