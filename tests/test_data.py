@@ -199,6 +199,8 @@ def test_two_shards_are_disjoint_and_cover():
         seen.append(set(np.round((out["image"][:, 0, 0, 0] + 1) * 127.5).astype(int).tolist()))
         assert len(out["label"]) == 15
     assert not seen[0] & seen[1] and seen[0] | seen[1] == set(range(30))
+    by_process = _collect(data.make_loader(src, 4, None, num_epochs=1, drop_remainder=False))
+    assert len(by_process["label"]) == 30  # ShardByJaxProcess: one process reads everything
 
 
 def test_worker_processes_cover_one_epoch():

@@ -60,7 +60,9 @@ def make_loader(
     seed: seeds the shuffle and every random transform.
     shuffle: a fresh permutation per epoch (of this process's shard).
     num_epochs: passes over the data; ``None`` = infinite.
-    worker_count: grain worker processes (0 = in this process).
+    worker_count: grain worker processes (0 = in this process). Workers are spawned, so
+        a script using them needs the ``if __name__ == "__main__":`` guard, and the
+        source, transforms and tokenizer must be picklable.
     shard_index, shard_count: explicit shard; both None = ``ShardByJaxProcess``.
     drop_remainder: drop the uneven tail of the shard split and the last short batch.
     channels, random_crop, random_flip, tokenizer: see :func:`transforms.image_transforms`.
