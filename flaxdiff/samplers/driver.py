@@ -34,8 +34,9 @@ Array = jax.Array
 
 __all__ = ["DEFAULT_SAMPLER", "DEFAULT_GRID", "run", "sample", "sample_model", "nfe_of"]
 
-# The defaults chosen by benchmarks/bench_samplers.py (lowest error at NFE 5-20 on the Gaussian-mixture problem).
-DEFAULT_SAMPLER = "unipc"
+# Defaults chosen by benchmarks/bench_samplers.py: logsnr_uniform is the best or near-best grid at NFE 10-20 and
+# dpmpp_2m the most robust sampler at NFE 5-20 (docs/samplers.md).
+DEFAULT_SAMPLER = "dpmpp_2m"
 DEFAULT_GRID = "logsnr_uniform"
 
 
