@@ -124,7 +124,8 @@ def check_config(saved: Mapping[str, Any], current: Mapping[str, Any], directory
     diffs = config_differences(saved, current)
     if diffs:
         flat_saved, flat_current = _flatten(json.loads(json.dumps(saved))), _flatten(json.loads(json.dumps(current)))
-        detail = "; ".join(f"{k}: checkpoint={flat_saved.get(k, '<missing>')!r} vs now={flat_current.get(k, '<missing>')!r}"
+        missing = "<missing>"
+        detail = "; ".join(f"{k}: checkpoint={flat_saved.get(k, missing)!r} vs now={flat_current.get(k, missing)!r}"
                            for k in diffs)
         raise ValueError(f"checkpoint {directory} config does not match this run in {len(diffs)} key(s): {detail}")
 
