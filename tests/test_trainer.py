@@ -241,3 +241,14 @@ def test_image_grid_layout():
     grid = image_grid(images, columns=2)
     assert grid.shape == (4, 6, 1)
     assert grid[0, 0, 0] == 0 and grid[0, 3, 0] == 128 and grid[2, 0, 0] == 255 and grid[2, 3, 0] == 0
+
+
+def test_bfloat16_compute_keeps_float32_params_and_output(hand_run):
+    params = hand_run[2]["params"][0]
+    trainer = _trainer(TrainConfig(compute_dtype="bfloat16"))
+    x = jnp.asarray(next(toy_batches(4, 2))["image"])
+    c_noise = jnp.array([10.0, 500.0])
+    out16 = trainer.apply_fn(False)(params, x, c_noise, None)
+    out32 = hand_run[0].apply_fn(False)(params, x, c_noise, None)
+    assert out16.dtype == jnp.float32 and out32.dtype == jnp.float32
+    assert 0 < float(jnp.max(jnp.abs(out16 - out32))) < 0.05 * float(jnp.max(jnp.abs(out32)))

@@ -296,9 +296,9 @@ class DiffusionTrainer:
         check_config(self.checkpoints.config(step), self.full_config, self.checkpoints.directory / str(step))
         abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                                 jax.eval_shape(self._init_state), self.state_shardings)
-        state, data_state = self.checkpoints.restore(step, abstract, with_data=data_iterator is not None)
+        state, data_state = self.checkpoints.restore(step, abstract, with_data=hasattr(data_iterator, "set_state"))
         self.state = state
-        if data_iterator is not None and data_state is not None:
+        if data_state is not None and hasattr(data_iterator, "set_state"):
             data_iterator.set_state(data_state)
         logger.info("restored step %d from %s", step, self.checkpoints.directory)
         return True
