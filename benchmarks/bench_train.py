@@ -24,7 +24,7 @@ from flaxdiff.training import DiffusionTrainer, TrainConfig
 MODELS = {
     "unet": ("unet", {"in_channels": 3, "base_channels": 64, "channel_mult": (1, 2, 2, 2), "num_res_blocks": 2,
                       "attention_levels": (1,), "num_heads": 4, "norm_num_groups": 16}, (32, 32, 3)),
-    "dit": ("DiT-S/2", {"input_size": 32, "in_channels": 4}, (32, 32, 4)),
+    "dit": ("DiT-S/2", {"input_size": 32, "in_channels": 4, "learn_sigma": False}, (32, 32, 4)),
 }
 
 
