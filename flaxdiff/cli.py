@@ -1,0 +1,237 @@
+"""The ``flaxdiff`` command: sample, evaluate and export training checkpoints.
+
+    flaxdiff sample runs/mnist --out grid.png [--classes 0,3,7] [--per-class 10] [--guidance 2] [--steps 20]
+    flaxdiff eval runs/mnist [--per-class 100] [--out metrics.json]
+    flaxdiff export runs/mnist exported/ [--step N] [--no-ema]
+
+CHECKPOINT_DIR is a training run directory (``training.py --workdir``) or its ``checkpoints/`` directory; the
+checkpoint's own config rebuilds the model, schedule and predictor, and its EMA params are used unless
+``--no-ema``. Bad input prints one ``flaxdiff: error: ...`` line and exits with status 2; existing outputs are never
+replaced without ``--overwrite``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["main", "build_parser"]
+
+
+class CLIError(ValueError):
+    """A user error reported as one line."""
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 0,3,7, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected at least one class, got {text!r}")
+    return values
+
+
+def _add_sampling(parser: argparse.ArgumentParser, default_guidance: float) -> None:
+    parser.add_argument("checkpoint_dir", help="training run directory or its checkpoints/ directory")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    parser.add_argument("--no-ema", action="store_true", help="use the raw params instead of the EMA params")
+    parser.add_argument("--sampler", default="unipc", help="sampler name (flaxdiff.samplers.available())")
+    parser.add_argument("--steps", type=int, default=20, help="sampler steps")
+    parser.add_argument("--guidance", type=float, default=default_guidance,
+                        help="classifier-free guidance scale (1 or less: no guidance)")
+    parser.add_argument("--seed", type=int, default=0, help="seed; image i uses fold_in(PRNGKey(seed), i)")
+    parser.add_argument("--batch-size", type=int, default=250, help="images per forward batch")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flaxdiff", description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    commands = parser.add_subparsers(dest="command", metavar="{sample,eval,export}", required=True)
+
+    sample = commands.add_parser("sample", help="write a PNG grid of samples (one row per class)",
+                                 allow_abbrev=False)
+    _add_sampling(sample, default_guidance=2.0)
+    sample.add_argument("--out", required=True, help="output PNG path")
+    sample.add_argument("--classes", type=_int_list, default=None,
+                        help="comma-separated classes, one grid row each (default: all classes)")
+    sample.add_argument("--per-class", type=int, default=None,
+                        help="images per class row (default 10, or --num-images / number of classes)")
+    sample.add_argument("--num-images", type=int, default=None,
+                        help="total images (unconditional models, or split evenly over the classes)")
+    sample.add_argument("--prompts", nargs="+", default=None,
+                        help="text prompts (only for text-conditioned checkpoints)")
+    sample.add_argument("--columns", type=int, default=None, help="grid columns (default: images per class)")
+
+    evaluate = commands.add_parser("eval", help="class accuracy and Fréchet distance of class-conditional samples",
+                                   allow_abbrev=False)
+    _add_sampling(evaluate, default_guidance=2.0)
+    evaluate.add_argument("--per-class", type=int, default=100, help="samples per class")
+    evaluate.add_argument("--out", default=None,
+                          help="JSON output (default: <checkpoint_dir>/eval_step_<step>.json)")
+    evaluate.add_argument("--grid", default=None, help="also write a PNG grid of the first 10 samples per class")
+    evaluate.add_argument("--classifier-cache", default=None,
+                          help="directory of the cached digit classifier (default: $FLAXDIFF_CACHE/classifier "
+                               "or ~/.cache/flaxdiff/classifier)")
+
+    export = commands.add_parser("export", help="write model.safetensors + config.json from a checkpoint",
+                                 allow_abbrev=False)
+    export.add_argument("checkpoint_dir", help="training run directory or its checkpoints/ directory")
+    export.add_argument("out_dir", help="output directory (must not exist or be empty, unless --overwrite)")
+    export.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    export.add_argument("--no-ema", action="store_true", help="export the raw params instead of the EMA params")
+    export.add_argument("--overwrite", action="store_true", help="write into a non-empty output directory")
+    return parser
+
+
+def _check_output_file(path: str, overwrite: bool, suffix: str | None = None) -> Path:
+    out = Path(path).expanduser()
+    if suffix is not None and out.suffix.lower() != suffix:
+        raise CLIError(f"--out {path}: expected a {suffix} file")
+    if out.exists() and not overwrite:
+        raise CLIError(f"{out} already exists; pass --overwrite to replace it")
+    if out.exists() and out.is_dir():
+        raise CLIError(f"{out} is a directory; give a file path")
+    return out
+
+
+def _guidance(value: float) -> float | None:
+    return value if value > 1.0 else None
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from flaxdiff.pipeline import Pipeline
+
+    if args.steps < 1:
+        raise CLIError(f"--steps {args.steps} must be >= 1")
+    if args.batch_size < 1:
+        raise CLIError(f"--batch-size {args.batch_size} must be >= 1")
+    from flaxdiff import samplers
+
+    if args.sampler not in samplers.available():
+        raise CLIError(f"--sampler {args.sampler!r} is unknown; accepted: {', '.join(samplers.available())}")
+    return Pipeline.from_pretrained(args.checkpoint_dir, step=args.step, ema=not args.no_ema)
+
+
+def _sample_labels(pipe: Any, args: argparse.Namespace) -> tuple[np.ndarray | None, int, int]:
+    """(labels or None, number of images, grid columns)."""
+    if args.prompts is not None:
+        raise CLIError(f"--prompts needs a text-conditioned checkpoint; {args.checkpoint_dir} is "
+                       f"{'class-conditional' if pipe.num_classes else 'unconditional'}"
+                       f"{'; use --classes' if pipe.num_classes else ''}")
+    if pipe.num_classes == 0:
+        if args.classes is not None:
+            raise CLIError(f"--classes given but {args.checkpoint_dir} is unconditional; use --num-images")
+        count = args.num_images or (args.per_class or 8) ** 2
+        columns = args.columns or args.per_class or int(np.ceil(np.sqrt(count)))
+        return None, count, columns
+    classes = args.classes if args.classes is not None else list(range(pipe.num_classes))
+    bad = [c for c in classes if not 0 <= c < pipe.num_classes]
+    if bad:
+        raise CLIError(f"--classes {bad[0]} is outside 0..{pipe.num_classes - 1}")
+    if args.per_class is not None and args.num_images is not None:
+        raise CLIError("--per-class and --num-images conflict; give one of them")
+    per_class = args.per_class or (max(1, args.num_images // len(classes)) if args.num_images else 10)
+    if per_class < 1:
+        raise CLIError(f"--per-class {per_class} must be >= 1")
+    labels = np.repeat(np.asarray(classes, np.int32), per_class)
+    return labels, len(labels), args.columns or per_class
+
+
+def cmd_sample(args: argparse.Namespace) -> dict[str, Any]:
+    from flaxdiff.training import save_image_grid
+
+    out = _check_output_file(args.out, args.overwrite, ".png")
+    pipe = _load(args)
+    labels, count, columns = _sample_labels(pipe, args)
+    images = pipe.generate(num_images=count if labels is None else None, labels=labels, sampler=args.sampler,
+                           steps=args.steps, guidance_scale=_guidance(args.guidance), seed=args.seed,
+                           output="float", batch_size=args.batch_size)
+    save_image_grid(images, out, columns=columns)
+    rows = int(np.ceil(count / columns))
+    height, width = images.shape[1:3]
+    result = {"out": str(out), "images": count, "rows": rows, "columns": columns,
+              "pixels": [rows * height, columns * width], "step": pipe.step}
+    logger.info("wrote %s: %d images, %d x %d grid", out, count, rows, columns)
+    return result
+
+
+def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
+    from flaxdiff import metrics
+    from flaxdiff.training import save_image_grid
+
+    pipe = _load(args)
+    if pipe.num_classes == 0:
+        raise CLIError(f"eval scores class-conditional samples; {args.checkpoint_dir} is unconditional")
+    if args.per_class < 2:
+        raise CLIError(f"--per-class {args.per_class} must be >= 2 (the Fréchet distance needs a covariance)")
+    if pipe.num_classes != 10 or pipe.image_shape[-1] not in (1, 3):
+        raise CLIError(f"eval uses the MNIST digit classifier (10 classes); this checkpoint has "
+                       f"{pipe.num_classes} classes and images {pipe.image_shape}")
+    out = _check_output_file(args.out, args.overwrite, ".json") if args.out else (
+        Path(args.checkpoint_dir) / f"eval_step_{pipe.step}.json")
+    if not args.out and out.exists() and not args.overwrite:
+        raise CLIError(f"{out} already exists; pass --overwrite or --out")
+    grid = _check_output_file(args.grid, args.overwrite, ".png") if args.grid else None
+    labels = np.repeat(np.arange(pipe.num_classes, dtype=np.int32), args.per_class)
+    images = pipe.generate(labels=labels, sampler=args.sampler, steps=args.steps,
+                           guidance_scale=_guidance(args.guidance), seed=args.seed, output="float",
+                           batch_size=args.batch_size)
+    classifier = metrics.get_mnist_classifier(image_size=CLASSIFIER_SIZE, cache_dir=args.classifier_cache)
+    scores = metrics.evaluate_class_conditional(images, labels, classifier)
+    result = {**scores, "step": pipe.step, "sampler": args.sampler, "steps": args.steps,
+              "guidance": _guidance(args.guidance), "seed": args.seed, "per_class": args.per_class,
+              "ema": not args.no_ema, "checkpoint_dir": str(Path(args.checkpoint_dir).absolute())}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    result["out"] = str(out)
+    if grid is not None:
+        first = np.concatenate([images[labels == c][:10] for c in range(pipe.num_classes)])
+        save_image_grid(first, grid, columns=min(10, args.per_class))
+    return result
+
+
+def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
+    from flaxdiff import interop
+    from flaxdiff.pipeline import resolve_checkpoint_dir
+
+    directory = resolve_checkpoint_dir(args.checkpoint_dir)
+    out = Path(args.out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"{out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise CLIError(f"{out} is not empty; pass --overwrite to write into it")
+    path = interop.export_checkpoint(directory, out, step=args.step, ema=not args.no_ema)
+    return {"out_dir": str(path), "files": sorted(p.name for p in Path(path).iterdir())}
+
+
+CLASSIFIER_SIZE = 32  # the classifier resizes every sample to 32x32, so all image sizes share one cached model
+
+COMMANDS = {"sample": cmd_sample, "eval": cmd_eval, "export": cmd_export}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``flaxdiff`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("absl", "jax._src", "orbax", "grain", "flaxdiff.data"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        result = COMMANDS[args.command](args)
+    except ValueError as err:
+        sys.stderr.write(f"flaxdiff: error: {err}\n")
+        return 2
+    sys.stdout.write(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""The ``flaxdiff`` CLI on a tiny checkpoint trained by training.py: sample grid sizes, eval metrics JSON, export
+files, and one-line errors that never overwrite existing outputs."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from flaxdiff import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import training  # noqa: E402
+
+TINY = ["--dataset", "digits", "--image-size", "16", "--model", "unet-tiny", "--model-config", "{}",
+        "--batch-size", "16", "--steps", "2", "--log-every", "1", "--preview-per-class", "0"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("cli_run")
+    assert training.main([*TINY, "--workdir", str(workdir)]) == 0
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def classifier_dir(tmp_path_factory):
+    """Shared with tests/test_metrics.py under pytest-xdist (the classifier trains once per test run)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return tmp_path_factory.getbasetemp().parent / "flaxdiff_classifier_cache"
+    return tmp_path_factory.mktemp("classifier_cache")
+
+
+def _cli(argv, capsys):
+    code = cli.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_sample_writes_the_requested_grid(run_dir, tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    code, stdout, _ = _cli(["sample", run_dir, "--out", out, "--classes", "1,4,7", "--per-class", "5",
+                            "--steps", "3"], capsys)
+    assert code == 0
+    assert Image.open(out).size == (5 * 16, 3 * 16)          # 3 class rows x 5 columns of 16 px
+    report = json.loads(stdout)
+    assert (report["rows"], report["columns"], report["images"], report["step"]) == (3, 5, 15, 2)
+
+
+def test_sample_default_grid_is_one_row_per_class(run_dir, tmp_path, capsys):
+    out = tmp_path / "all.png"
+    code, _, _ = _cli(["sample", run_dir / "checkpoints", "--out", out, "--per-class", "2", "--steps", "2",
+                       "--sampler", "euler", "--guidance", "1"], capsys)
+    assert code == 0
+    assert Image.open(out).size == (2 * 16, 10 * 16)
+
+
+def test_sample_refuses_to_overwrite(run_dir, tmp_path, capsys):
+    out = tmp_path / "exists.png"
+    out.write_bytes(b"keep me")
+    code, _, err = _cli(["sample", run_dir, "--out", out], capsys)
+    assert code == 2 and "already exists; pass --overwrite" in err and err.count("\n") == 1
+    assert out.read_bytes() == b"keep me"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--classes", "3,12"], "--classes 12 is outside 0..9"),
+    (["--sampler", "nope"], "--sampler 'nope' is unknown; accepted: ddim"),
+    (["--prompts", "a seven"], "--prompts needs a text-conditioned checkpoint"),
+    (["--steps", "0"], "--steps 0 must be >= 1"),
+])
+def test_sample_bad_input_is_one_line(run_dir, tmp_path, capsys, extra, message):
+    code, _, err = _cli(["sample", run_dir, "--out", tmp_path / "x.png", *extra], capsys)
+    assert code == 2 and err.startswith("flaxdiff: error:") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_missing_checkpoint_dir_is_one_line(tmp_path, capsys):
+    code, _, err = _cli(["sample", tmp_path / "nothing", "--out", tmp_path / "x.png"], capsys)
+    assert code == 2 and "does not exist" in err
+    (tmp_path / "empty").mkdir()
+    code, _, err = _cli(["eval", tmp_path / "empty"], capsys)
+    assert code == 2 and "holds no checkpoint steps" in err
+
+
+def test_eval_prints_and_writes_accuracy_and_frechet(run_dir, tmp_path, classifier_dir, capsys):
+    out = tmp_path / "metrics.json"
+    code, stdout, _ = _cli(["eval", run_dir, "--per-class", "3", "--steps", "2", "--out", out,
+                            "--classifier-cache", classifier_dir], capsys)
+    assert code == 0
+    printed, written = json.loads(stdout), json.loads(out.read_text())
+    assert printed["class_accuracy"] == written["class_accuracy"]
+    assert 0.0 <= written["class_accuracy"] <= 1.0
+    assert written["frechet_distance"] > 0 and written["num_samples"] == 30 and written["step"] == 2
+    # two training steps make noise, not digits: far from the real digits
+    assert written["frechet_distance"] > 10
+    code, _, err = _cli(["eval", run_dir, "--per-class", "3", "--out", out], capsys)
+    assert code == 2 and "already exists" in err
+
+
+def test_export_writes_safetensors_and_refuses_nonempty(run_dir, tmp_path, capsys):
+    out = tmp_path / "export"
+    code, stdout, _ = _cli(["export", run_dir, out], capsys)
+    assert code == 0
+    assert {"model.safetensors", "config.json"} <= set(json.loads(stdout)["files"])
+    assert json.loads((out / "config.json").read_text())["name"] == "unet"
+    code, _, err = _cli(["export", run_dir, out, "--no-ema"], capsys)
+    assert code == 2 and "is not empty; pass --overwrite" in err
+    code, _, _ = _cli(["export", run_dir, out, "--no-ema", "--overwrite", "--step", "2"], capsys)
+    assert code == 0
+
+
+def test_console_script_help_lists_the_commands():
+    proc = subprocess.run([sys.executable, "-m", "flaxdiff.cli", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0
+    for command in ("sample", "eval", "export"):
+        assert command in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "flaxdiff.cli", "frobnicate"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "invalid choice: 'frobnicate'" in proc.stderr
