@@ -14,6 +14,15 @@ With ``learn_sigma=True`` the output has ``2 * in_channels`` channels:
 ``mean_out, var_out = jnp.split(out, 2, axis=-1)``; ``mean_out`` is the parameterised prediction
 (eps, x0, v, ...) and ``var_out`` the IDDPM variance interpolation ``v`` in
 ``log Sigma = v log beta + (1 - v) log beta_tilde`` (after mapping ``(v + 1) / 2``).
+
+Options (all off by default):
+
+- ``num_experts > 0``: every ``moe_every``-th block (indices moe_every-1, 2 moe_every-1, ...) replaces its MLP by an
+  expert-choice mixture of experts (:mod:`flaxdiff.models.moe`), each expert taking ``capacity_factor T / E`` tokens.
+- ``patch_mixer_depth > 0``: that many extra blocks run on all tokens before masking (MicroDiT's patch mixer).
+- ``mask_ratio > 0``: with ``train=True`` the backbone runs on the ``N - round(r N)`` kept tokens only, masked
+  positions output 0 (:mod:`flaxdiff.models.masking`: key choice, visible-only loss, finetune at ratio 0).
+- ``pos_embed_grid > 0``: positions rescaled to a fixed range for progressive resolution.
 """
 from __future__ import annotations
 
@@ -24,7 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxdiff.models import layers
+from flaxdiff.models import layers, masking, moe
 from flaxdiff.models.configs import ModelConfig
 
 Array = jax.Array
@@ -60,6 +69,12 @@ class DiTConfig(ModelConfig):
     fourier_scale: float = 16.0     # std of the Fourier frequencies
     dtype: str = "float32"          # compute dtype; params are always float32
     remat: bool = False             # rematerialise every block
+    num_experts: int = 0            # > 0: expert-choice MoE MLP (this many experts) in every moe_every-th block
+    moe_every: int = 2              # MoE in blocks moe_every-1, 2 moe_every-1, ... (2: alternate blocks)
+    capacity_factor: float = 2.0    # MoE: each expert takes round(capacity_factor * tokens / num_experts) tokens
+    mask_ratio: float = 0.0         # masked training: fraction of patches dropped per example when train=True
+    patch_mixer_depth: int = 0      # blocks run on all patches before masking (MicroDiT patch mixer)
+    pos_embed_grid: int = 0         # > 0: sin-cos positions rescaled to span this many patches at any resolution
 
     def make(self) -> "DiT":
         return DiT(self)
@@ -88,6 +103,8 @@ class DiTBlock(nn.Module):
     mlp_ratio: float
     cross_attention: bool
     dtype: Any = jnp.float32
+    num_experts: int = 0            # > 0: expert-choice MoE in place of the MLP
+    capacity_factor: float = 2.0
 
     @nn.compact
     def __call__(self, x: Array, c: Array, context: Array | None = None,
@@ -105,8 +122,12 @@ class DiTBlock(nn.Module):
             x = x + layers.Attention(heads, width // heads, width, null_kv=True, dtype=self.dtype,
                                      name="cross_attn")(h, context, context_mask)
         h = layers.modulate(norm("norm2")(x), shift_mlp, scale_mlp)
-        h = nn.Dense(int(width * self.mlp_ratio), dtype=self.dtype, kernel_init=_xavier, name="mlp_fc1")(h)
-        h = nn.Dense(width, dtype=self.dtype, kernel_init=_xavier, name="mlp_fc2")(nn.gelu(h, approximate=True))
+        if self.num_experts > 0:
+            h = moe.ExpertChoiceMLP(self.num_experts, int(width * self.mlp_ratio), self.capacity_factor,
+                                    dtype=self.dtype, name="moe")(h)
+        else:
+            h = nn.Dense(int(width * self.mlp_ratio), dtype=self.dtype, kernel_init=_xavier, name="mlp_fc1")(h)
+            h = nn.Dense(width, dtype=self.dtype, kernel_init=_xavier, name="mlp_fc2")(nn.gelu(h, approximate=True))
         return x + gate_mlp[:, None, :] * h
 
 
@@ -116,18 +137,21 @@ class DiT(nn.Module):
     x (B, H, W, in_channels) with H, W divisible by ``patch_size``; returns (B, H, W, C_out) with
     ``C_out = 2 * in_channels`` if ``learn_sigma`` else ``in_channels`` (split with
     ``jnp.split(out, 2, axis=-1)`` into prediction and variance interpolation).
+    With ``mask_ratio > 0`` and ``train=True`` patches are masked with ``mask_key`` (default: a key from the
+    'mask' rng stream, else from 'dropout'); see :mod:`flaxdiff.models.masking`.
     """
 
     config: DiTConfig
 
     @nn.compact
     def __call__(self, x: Array, c_noise: Array, cond: Mapping[str, Array] | None = None,
-                 train: bool = False) -> Array:
-        del train  # no dropout in DiT; kept for the common call signature
+                 train: bool = False, mask_key: Array | None = None) -> Array:
         cfg = self.config
         dtype = layers.resolve_dtype(cfg.dtype)
         if cfg.hidden_size % cfg.num_heads:
             raise ValueError(f"hidden_size={cfg.hidden_size} is not divisible by num_heads={cfg.num_heads}")
+        if cfg.num_experts > 0 and cfg.moe_every < 1:
+            raise ValueError(f"moe_every={cfg.moe_every} must be >= 1 when num_experts={cfg.num_experts} > 0")
         layers.check_input(x, c_noise, cfg.in_channels, cfg.patch_size, f"patch_size={cfg.patch_size}")
         labels, text, text_mask, pooled = layers.parse_cond(cond, x.shape[0], cfg.num_classes, cfg.text_dim,
                                                             cfg.pooled_dim)
@@ -138,7 +162,8 @@ class DiT(nn.Module):
         tokens = nn.Conv(cfg.hidden_size, (p, p), strides=(p, p), padding="VALID", dtype=dtype,
                          kernel_init=_xavier, name="x_embedder")(x.astype(dtype))
         tokens = tokens.reshape(batch, grid_h * grid_w, cfg.hidden_size)
-        tokens = tokens + jnp.asarray(layers.sincos_2d(cfg.hidden_size, grid_h, grid_w), dtype)[None]
+        tokens = tokens + jnp.asarray(masking.position_embedding(cfg.hidden_size, grid_h, grid_w,
+                                                                 cfg.pos_embed_grid), dtype)[None]
 
         c = layers.NoiseEmbedding(cfg.hidden_size, cfg.frequency_dim, cfg.noise_embedding, cfg.fourier_scale,
                                   dtype=dtype, name="t_embedder")(c_noise)
@@ -151,8 +176,25 @@ class DiT(nn.Module):
             text = text.astype(dtype)
 
         block_cls = nn.remat(DiTBlock) if cfg.remat else DiTBlock
-        for index in range(cfg.depth):
+        for index in range(cfg.patch_mixer_depth):
             tokens = block_cls(cfg.hidden_size, cfg.num_heads, cfg.mlp_ratio, text is not None, dtype=dtype,
+                               name=f"patch_mixer_{index}")(tokens, c, text, text_mask)
+        num_patches = grid_h * grid_w
+        keep = None
+        if cfg.mask_ratio != 0:
+            masking.num_kept(num_patches, cfg.mask_ratio)  # validates the ratio in every mode
+        if train and cfg.mask_ratio > 0:
+            if mask_key is None:
+                if not (self.has_rng("mask") or self.has_rng("dropout")):
+                    raise ValueError(f"mask_ratio={cfg.mask_ratio} with train=True needs mask_key=... or a 'mask' "
+                                     f"or 'dropout' rng in apply(..., rngs=...)")
+                mask_key = self.make_rng("mask" if self.has_rng("mask") else "dropout")
+            keep = masking.keep_indices(mask_key, batch, num_patches, cfg.mask_ratio)
+            tokens = masking.gather_tokens(tokens, keep)
+        for index in range(cfg.depth):
+            use_moe = cfg.num_experts > 0 and cfg.moe_every > 0 and index % cfg.moe_every == cfg.moe_every - 1
+            tokens = block_cls(cfg.hidden_size, cfg.num_heads, cfg.mlp_ratio, text is not None, dtype=dtype,
+                               num_experts=cfg.num_experts if use_moe else 0, capacity_factor=cfg.capacity_factor,
                                name=f"blocks_{index}")(tokens, c, text, text_mask)
 
         out_channels = cfg.in_channels * (2 if cfg.learn_sigma else 1)
@@ -161,6 +203,8 @@ class DiT(nn.Module):
         tokens = layers.modulate(nn.LayerNorm(epsilon=1e-6, use_scale=False, use_bias=False, dtype=dtype,
                                               name="final_norm")(tokens), shift, scale)
         tokens = nn.Dense(p * p * out_channels, dtype=dtype, kernel_init=_zeros, name="final_linear")(tokens)
+        if keep is not None:
+            tokens = masking.scatter_tokens(tokens, keep, num_patches)
         out = tokens.reshape(batch, grid_h, grid_w, p, p, out_channels)
         out = out.transpose(0, 1, 3, 2, 4, 5).reshape(batch, height, width, out_channels)
         return out.astype(jnp.float32)
