@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Run every benchmark once and write its JSON (and plots) into docs/. Usage, from the repository root:
+#   FLAXDIFF_PEER_VENV=/work/peer_venv benchmarks/run_all.sh [python]
+# Without FLAXDIFF_PEER_VENV the FlaxDiff 0.2.11 side is skipped with a note (see benchmarks/README.md).
+set -euo pipefail
+PYTHON="${1:-python}"
+cd "$(dirname "$0")/.."
+echo "== uptime: $(uptime)"
+"$PYTHON" benchmarks/bench_samplers.py --out docs/samplers_benchmark.json --plot docs/samplers_error_vs_nfe.png
+echo "== uptime: $(uptime)"
+"$PYTHON" benchmarks/bench_sampling_cost.py --json docs/sampling_cost.json --plot docs/sampling_cost.png
+echo "== uptime: $(uptime)"
+"$PYTHON" benchmarks/bench_train.py --json docs/train_benchmark.json
+echo "== uptime: $(uptime)"
+"$PYTHON" benchmarks/bench_scaling.py --model unet --json docs/scaling_unet.json
+echo "== uptime: $(uptime)"
+"$PYTHON" benchmarks/bench_scaling.py --model dit --global-batch 16 --json docs/scaling_dit.json
+echo "== uptime: $(uptime)"
