@@ -8,7 +8,7 @@ import optax
 import pytest
 from sklearn.datasets import load_digits
 
-from flaxdiff import models
+from flaxdiff import losses, models, predictors, schedules
 from flaxdiff.models import layers
 
 KEY = jax.random.key(0)
@@ -309,8 +309,10 @@ def test_remat_gives_same_outputs_and_gradients(name, overrides):
 
 # ----------------------------------------------------------------------------------------------- overfitting
 
-OVERFIT_STEPS = 80
-OVERFIT_FACTOR = 5.0  # the fixed-draw eval loss must fall at least this much within OVERFIT_STEPS adam steps
+# the fixed-draw eval loss must fall by OVERFIT_FACTOR within the given number of adam steps (lr 3e-3);
+# measured: unet-tiny 1.02 -> 0.116 (x8.8) in 80 steps, dit-tiny 1.02 -> 0.136 (x7.5) in 200 steps
+OVERFIT_STEPS = {"unet-tiny": 80, "dit-tiny": 200}
+OVERFIT_FACTOR = 5.0
 
 
 @pytest.fixture(scope="module")
@@ -321,14 +323,12 @@ def digits():
 
 
 def _eps_loss(model, params, x0, key):
-    """Epsilon-prediction loss with a linear-beta VP schedule: x_t = sqrt(abar) x0 + sqrt(1 - abar) eps."""
-    alphas_bar = jnp.cumprod(1.0 - jnp.linspace(1e-4, 0.02, 1000))
-    key_t, key_eps = jax.random.split(key)
-    t = jax.random.randint(key_t, (x0.shape[0],), 0, 1000)
-    eps = jax.random.normal(key_eps, x0.shape)
-    abar = alphas_bar[t][:, None, None, None]
-    x_t = jnp.sqrt(abar) * x0 + jnp.sqrt(1.0 - abar) * eps
-    return jnp.mean((model.apply({"params": params}, x_t, t.astype(jnp.float32), None) - eps) ** 2)
+    """flaxdiff's diffusion loss: epsilon prediction, linear-beta VP schedule, uniform t, unit weight."""
+    loss, _ = losses.diffusion_loss(
+        lambda p, x, c_noise, cond: model.apply({"params": p}, x, c_noise, cond), params, x0, None, key,
+        schedules.get("linear"), predictors.get("epsilon"), losses.weightings.get("uniform"),
+        losses.time_samplers.get("uniform"))
+    return loss
 
 
 def _adam_update(opt, params, grads, opt_state):
@@ -351,7 +351,7 @@ def test_tiny_model_overfits_eight_digits(name, digits):
 
     before = evaluate(params)
     opt_state = opt.init(params)
-    for key in jax.random.split(jax.random.key(1), OVERFIT_STEPS):
+    for key in jax.random.split(jax.random.key(1), OVERFIT_STEPS[name]):
         params, opt_state = update(params, loss_and_grad(params, key)[1], opt_state)
     after = evaluate(params)
     assert before / after > OVERFIT_FACTOR, (before, after)
@@ -405,3 +405,11 @@ def test_summary_of_diffusion_model():
     assert info["params"] == models.count_params(shapes["params"]) == 168144
     # the MLPs alone cost 2 * (2 batch * 16 tokens) * (64 * 256 * 2) flops per block
     assert info["flops"] > 2 * 2 * (2 * 16) * (64 * 256 * 2)
+
+
+def test_summary_flops_match_dit_paper():
+    """DiT-S/2 at 32x32x4 is 6.06 GFLOPs in the paper (which counts a multiply-add once); XLA counts it twice."""
+    model = models.get("DiT-S/2")
+    info = models.summary(model, jax.ShapeDtypeStruct((1, 32, 32, 4), jnp.float32),
+                          jax.ShapeDtypeStruct((1,), jnp.float32), {"label": jnp.zeros(1, jnp.int32)})
+    assert info["flops"] / 2 / 1e9 == pytest.approx(6.06, rel=0.02)

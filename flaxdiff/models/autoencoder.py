@@ -20,6 +20,7 @@ where ``scaling_factor = 1 / std(z)`` is estimated from data by :func:`estimate_
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import Any
 
@@ -265,12 +266,17 @@ def estimate_latent_scale(model: AutoencoderKL, params: Any, images: Array, key:
     ``z`` is the posterior mean, or a posterior sample when ``key`` is given (Stable Diffusion's recipe).
     Set it as ``scaling_factor`` so that the scaled latents have unit variance.
     """
-    mean, logvar = model.apply({"params": params}, images, method=AutoencoderKL.encode)
+    mean, logvar = _encode(model, params, images)
     z = mean if key is None else mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
     std = float(jnp.std(z))
     if not std > 0.0:
         raise ValueError(f"latent std is {std}; cannot estimate a scale from constant latents")
     return 1.0 / std
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode(model: AutoencoderKL, params: Any, images: Array) -> tuple[Array, Array]:
+    return model.apply({"params": params}, images, method=AutoencoderKL.encode)
 
 
 def scale_latents(config: AutoencoderConfig, z: Array) -> Array:
