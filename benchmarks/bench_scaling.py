@@ -13,7 +13,8 @@ a bandwidth-optimal (ring / torus) all-reduce moves 2 (n - 1) / n of that throug
 
 with F_image the train FLOPs per image from XLA cost analysis (the same model as here), b_chip the per-chip batch.
 
-    python benchmarks/bench_scaling.py [--model unet] [--global-batch 32] [--steps 3] [--json docs/scaling.json]
+    python benchmarks/bench_scaling.py [--model unet] [--global-batch 32] [--steps 3] [--json docs/scaling.json] \
+        [--projection-models unet,dit]
 """
 from __future__ import annotations
 
@@ -46,6 +47,44 @@ def worker(model: str, global_batch: int, steps: int) -> dict:
     return row
 
 
+def model_cost(model: str, batch: int) -> tuple[int, float]:
+    """(params, train GFLOP per image) of a bench_train.py model from XLA cost analysis, without running a step."""
+    import jax
+    import numpy as np
+
+    import bench_train
+    from flaxdiff import losses, models, predictors, schedules
+    from flaxdiff.training import DiffusionTrainer, TrainConfig
+
+    preset, overrides, shape = bench_train.MODELS[model]
+    example = {"image": np.zeros((batch,) + shape, np.float32)}
+    trainer = DiffusionTrainer(models.get(preset, **overrides), None, schedules.get("cosine"), predictors.get("v"),
+                               losses.weightings.get("uniform"), losses.time_samplers.get("uniform"),
+                               TrainConfig(), example)
+    state = trainer.init()
+    params = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(state.params))
+    cost = trainer._step_fn.lower(state, trainer.global_batch(example)).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return params, float(cost.get("flops", 0.0)) / batch / 1e9
+
+
+def print_projection(name: str, params: int, gflop: float) -> list[dict]:
+    print(f"\nTPU v4-32 projection for {name}: {V4_32_CHIPS} chips, gradients 4 x {params / 1e6:.2f}M = "
+          f"{4 * params / 1e6:.1f} MB per step, {gflop:.2f} train GFLOP/image (XLA cost analysis)")
+    print(f"{'per-chip batch':>14s} {'MFU':>5s} {'bw':>5s} {'GB/s':>6s} {'t_comm ms':>10s} {'t_compute ms':>13s} "
+          f"{'efficiency':>10s}")
+    projections = []
+    for per_chip_batch in (32, 128):
+        for fraction in (1.0, 0.5):
+            proj = projection(params, gflop, per_chip_batch, 0.3, fraction)
+            proj["model"] = name
+            projections.append(proj)
+            print(f"{per_chip_batch:14d} {proj['assumed_mfu']:5.2f} {fraction:5.2f} "
+                  f"{proj['allreduce_GBps_per_chip']:6.0f} {proj['t_comm_ms']:10.3f} {proj['t_compute_ms']:13.3f} "
+                  f"{proj['efficiency_no_overlap']:10.3f}")
+    return projections
+
+
 def projection(params: int, gflop_per_image: float, per_chip_batch: int, mfu: float, bandwidth_fraction: float) -> dict:
     chips = V4_32_CHIPS
     grad_bytes = 4.0 * params
@@ -64,6 +103,8 @@ def main() -> None:
     parser.add_argument("--global-batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--devices", default="1,2,4,8")
+    parser.add_argument("--projection-models", default="unet,dit",
+                        help="also project these models (cost analysis only, no timing)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -100,24 +141,14 @@ def main() -> None:
         print(f"{row['devices']:7d} {row['step_time_s']:8.3f} {row['images_per_s']:9.1f} "
               f"{row['time_vs_1_device']:16.2f}x")
 
-    params, gflop = rows[0]["params"], rows[0]["train_gflop_per_image"]
-    print(f"\nTPU v4-32 projection for {args.model}: {V4_32_CHIPS} chips, gradients 4 x {params / 1e6:.2f}M = "
-          f"{4 * params / 1e6:.1f} MB per step, {gflop:.2f} train GFLOP/image (XLA cost analysis above)")
-    print("assumptions: pure data parallelism, float32 gradients all-reduced once per step, bandwidth-optimal "
+    print("\nassumptions: pure data parallelism, float32 gradients all-reduced once per step, bandwidth-optimal "
           "all-reduce (2(n-1)/n of the bytes per chip), per-chip all-reduce bandwidth = 1.1 PB/s / 4096 chips "
-          "(v4 pod figure) or half of it (a 2x2x4 slice is a mesh, not a torus), no overlap of communication with "
-          "the backward pass (XLA's async collectives can hide part of it), bf16 peak 275 TFLOP/s per chip.")
-    print(f"{'per-chip batch':>14s} {'MFU':>5s} {'bw':>5s} {'GB/s':>6s} {'t_comm ms':>10s} {'t_compute ms':>13s} "
-          f"{'efficiency':>10s}")
-    projections = []
-    for per_chip_batch in (32, 128):
-        for mfu in (0.3,):
-            for fraction in (1.0, 0.5):
-                proj = projection(params, gflop, per_chip_batch, mfu, fraction)
-                projections.append(proj)
-                print(f"{per_chip_batch:14d} {mfu:5.2f} {fraction:5.2f} {proj['allreduce_GBps_per_chip']:6.0f} "
-                      f"{proj['t_comm_ms']:10.3f} {proj['t_compute_ms']:13.3f} "
-                      f"{proj['efficiency_no_overlap']:10.3f}")
+          "(v4 pod figure) or half of it (bw 0.5: a 2x2x4 slice is a mesh, not a torus), no overlap of "
+          "communication with the backward pass (XLA's async collectives can hide part of it), bf16 peak "
+          "275 TFLOP/s per chip at an assumed MFU of 0.3.")
+    projections = print_projection(args.model, rows[0]["params"], rows[0]["train_gflop_per_image"])
+    for name in [m for m in args.projection_models.split(",") if m and m != args.model]:
+        projections += print_projection(name, *model_cost(name, 8))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
             json.dump({"model": args.model, "global_batch": args.global_batch, "cpu_count": os.cpu_count(),

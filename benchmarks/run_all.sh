@@ -8,11 +8,9 @@ cd "$(dirname "$0")/.."
 echo "== uptime: $(uptime)"
 "$PYTHON" benchmarks/bench_samplers.py --out docs/samplers_benchmark.json --plot docs/samplers_error_vs_nfe.png
 echo "== uptime: $(uptime)"
-"$PYTHON" benchmarks/bench_sampling_cost.py --json docs/sampling_cost.json --plot docs/sampling_cost.png
+"$PYTHON" benchmarks/bench_sampling_cost.py --repeats 3 --json docs/sampling_cost.json --plot docs/sampling_cost.png
 echo "== uptime: $(uptime)"
 "$PYTHON" benchmarks/bench_train.py --json docs/train_benchmark.json
 echo "== uptime: $(uptime)"
-"$PYTHON" benchmarks/bench_scaling.py --model unet --json docs/scaling_unet.json
-echo "== uptime: $(uptime)"
-"$PYTHON" benchmarks/bench_scaling.py --model dit --global-batch 16 --json docs/scaling_dit.json
+"$PYTHON" benchmarks/bench_scaling.py --model unet-tiny --json docs/scaling_unet_tiny.json
 echo "== uptime: $(uptime)"
