@@ -13,6 +13,7 @@ embeddings from any other encoder via :func:`text_condition`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -147,5 +148,10 @@ def text_condition(tokens: Array, mask: Array | None = None, pooled: Array | Non
 def encode_text(model: TextEncoder, params: Any, texts: Sequence[str]) -> dict[str, Array]:
     """Tokenise ``texts`` to ``model.config.max_len`` and encode them into a conditioning dict."""
     ids, mask = tokenize(texts, model.config.max_len)
-    tokens, pooled, mask = model.apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask))
+    tokens, pooled, mask = _encode(model, params, jnp.asarray(ids), jnp.asarray(mask))
     return text_condition(tokens, mask, pooled)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode(model: TextEncoder, params: Any, ids: Array, mask: Array) -> tuple[Array, Array, Array]:
+    return model.apply({"params": params}, ids, mask)

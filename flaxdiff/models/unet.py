@@ -44,7 +44,8 @@ class UNetConfig(ModelConfig):
     resblock_updown: bool = False               # resample with residual blocks (BigGAN style) instead of convs
     use_scale_shift_norm: bool = True           # emb modulates the norm (FiLM) instead of being added
     num_classes: int = 0                        # > 0: class-conditional with learned null class num_classes
-    text_dim: int = 0                           # > 0: cross-attention to cond['text'] (B, L, text_dim)
+    text_dim: int = 0                           # > 0: cross-attention to cond['text'] (B, L, text_dim) in every
+                                                #      attention block (attention_levels and the middle block)
     pooled_dim: int = 0                         # > 0: cond['pooled'] (B, pooled_dim) is added to emb
     noise_embedding: str = "sinusoidal"         # "sinusoidal" or "fourier" embedding of c_noise
     fourier_scale: float = 16.0                 # std of the Fourier frequencies
