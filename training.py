@@ -41,9 +41,20 @@ DEFAULTS: dict[str, Any] = {
     "worker_count": 0,
     "num_classes": None,
     "latent_autoencoder": None,
+    "captions": None,
+    "text_encoder": "text_encoder-tiny",
+    # task: "diffusion", "autoencoder" (train the latent autoencoder) or "reflow" (from --reflow-from)
+    "task": "diffusion",
+    "autoencoder_model": "autoencoder-tiny",
+    "kl_weight": 1e-3,
+    "reflow_from": None,
+    "reflow_pairs": 2048,
+    "reflow_sampler": "euler",
+    "reflow_steps": 20,
+    "reflow_guidance": 0.0,
     # model
     "model": "unet-small",
-    "model_config": {"base_channels": 16, "channel_mult": [1, 2, 4], "num_res_blocks": 1,
+    "model_config": {"base_channels": 32, "channel_mult": [1, 2, 2], "num_res_blocks": 1,
                      "attention_levels": [2], "num_heads": 4, "norm_num_groups": 8},
     # diffusion
     "schedule": "rectified_flow",
@@ -67,8 +78,8 @@ DEFAULTS: dict[str, Any] = {
     "b1": 0.9,
     "b2": 0.99,
     "grad_clip": 1.0,
-    "batch_size": 64,
-    "steps": 2000,
+    "batch_size": 32,
+    "steps": 1000,
     "epochs": None,
     "grad_accum_steps": 1,
     "ema_decay": 0.999,
@@ -144,6 +155,19 @@ def build_parser() -> argparse.ArgumentParser:
                       help="class-conditional on labels 0..N-1 (0: unconditional; default: the source's classes)")
     data.add_argument("--latent-autoencoder", metavar="DIR",
                       help="train on scaled VAE latents of this autoencoder (diffusers/flaxdiff export/checkpoint dir)")
+    data.add_argument("--captions", "--text", dest="captions",
+                      help="caption conditioning: mnist (offline digit captions) | source (the dataset's captions)")
+    data.add_argument("--text-encoder", help="frozen text encoder: a text_encoder preset or an export dir")
+
+    task = parser.add_argument_group("task")
+    task.add_argument("--task", help="diffusion | autoencoder (train the latent VAE) | reflow (see --reflow-from)")
+    task.add_argument("--autoencoder-model", help="autoencoder preset of --task autoencoder")
+    task.add_argument("--kl-weight", type=float, help="KL weight of --task autoencoder (per pixel)")
+    task.add_argument("--reflow-from", metavar="CKPT", help="base rectified-flow run directory of --task reflow")
+    task.add_argument("--reflow-pairs", type=int, help="number of (noise, sample) pairs to generate")
+    task.add_argument("--reflow-sampler", help="sampler generating the pairs")
+    task.add_argument("--reflow-steps", type=int, help="sampler steps generating the pairs")
+    task.add_argument("--reflow-guidance", type=float, help="CFG scale of the pairs (0 or less: none)")
 
     model = parser.add_argument_group("model")
     model.add_argument("--model", help="model preset (flaxdiff.models.available(): unet, unet-small, dit, DiT-S/2, ...)")
@@ -285,6 +309,12 @@ def validate_config(config: Mapping[str, Any]) -> None:
         raise ValueError(f"--channels {config['channels']!r}: accepted 1, 3 or none (the source's)")
     if config["num_classes"] is not None and config["num_classes"] < 0:
         raise ValueError(f"--num-classes {config['num_classes']!r} must be >= 0")
+    if config["task"] not in ("diffusion", "autoencoder", "reflow"):
+        raise ValueError(f"--task {config['task']!r} is unknown; accepted: diffusion, autoencoder, reflow")
+    if config["task"] == "reflow" and not config["reflow_from"]:
+        raise ValueError("--task reflow needs --reflow-from CKPT (a trained rectified-flow run directory)")
+    if config["captions"] not in (None, "mnist", "source"):
+        raise ValueError(f"--captions {config['captions']!r}: accepted mnist, source or none")
     for key in ("model_config", "schedule_options", "predictor_options", "weighting_options",
                 "time_sampler_options"):
         if not isinstance(config[key], dict):
@@ -332,28 +362,6 @@ class LatentIterator:
         self.iterator.set_state(state)
 
 
-def _latent_codec(path: str) -> tuple[Any, Any, Any]:
-    """(encode, decode, autoencoder config) jitted functions of a frozen autoencoder."""
-    import jax
-
-    from flaxdiff import interop, models
-
-    module, params, ae_config = interop.load_autoencoder(path)
-
-    @jax.jit
-    def encode(images: jax.Array) -> jax.Array:
-        mean, _ = module.apply({"params": params}, images, method=models.AutoencoderKL.encode)
-        return models.scale_latents(ae_config, mean)
-
-    @jax.jit
-    def decode(latents: jax.Array) -> jax.Array:
-        images = module.apply({"params": params}, models.unscale_latents(ae_config, latents),
-                              method=models.AutoencoderKL.decode)
-        return jax.numpy.clip(images, -1.0, 1.0)
-
-    return encode, decode, ae_config
-
-
 def _checkpoint_dir(workdir: Path) -> Path:
     return workdir / "checkpoints"
 
@@ -374,7 +382,7 @@ def run(config: Mapping[str, Any], invocation: argparse.Namespace) -> Path:
     import numpy as np
 
     from flaxdiff import data, models
-    from flaxdiff.training import DiffusionTrainer, TrainConfig, make_sample_fn, save_image_grid
+    from flaxdiff.training import DiffusionTrainer, make_sample_fn, save_image_grid
 
     start = time.perf_counter()
     workdir = Path(config["workdir"]).expanduser().absolute()
@@ -397,17 +405,37 @@ def run(config: Mapping[str, Any], invocation: argparse.Namespace) -> Path:
     num_classes = config["num_classes"]
     if num_classes is None:
         num_classes = int(getattr(source, "num_classes", 0) or 0)
+    if config["task"] != "diffusion":
+        return _run_other_task(config, source, workdir, local_batch)
     channels = config["channels"]
     decode = None
     ae_config = None
+    text = None
+    if config["captions"]:
+        from flaxdiff.data import captions
+
+        source = captions.with_captions(source, config["captions"], seed=config["seed"])
+        text = captions.TextConditioner.create(config["text_encoder"], seed=config["seed"])
+        num_classes = 0
+    train_source = source
     if config["latent_autoencoder"]:
-        encode, decode, ae_config = _latent_codec(config["latent_autoencoder"])
+        from flaxdiff import latents
+
+        codec = latents.load_codec(config["latent_autoencoder"])
+        encode, decode, ae_config = codec.encode, codec.decode, codec.config
         channels = ae_config.in_channels
-    loader = data.make_loader(source, local_batch, config["image_size"], seed=config["seed"],
-                              worker_count=config["worker_count"], channels=channels,
-                              random_flip=config["random_flip"])
-    if ae_config is not None:
-        loader = LatentIterator(loader, encode)
+        suffix = f"_p{jax.process_index()}" if processes > 1 else ""
+        cache = workdir / f"latents_{config['split']}_{config['image_size']}{suffix}.npz"
+        if not cache.is_file() or latents.read_cache_info(cache)["autoencoder"] != codec.path:
+            latents.cache_latents(codec, source, cache, config["image_size"], channels)
+        train_source = latents.latent_source(cache)
+    loader = data.make_loader(train_source, local_batch, config["image_size"] if ae_config is None else None,
+                              seed=config["seed"], worker_count=config["worker_count"],
+                              channels=channels if ae_config is None else None,
+                              random_flip=config["random_flip"] and ae_config is None,
+                              tokenizer=text.tokenizer() if text is not None else None)
+    if text is not None:
+        loader = captions.TextIterator(loader, text)
     first = next(loader)
     image_shape = tuple(first["image"].shape[1:])
     if num_classes > 0:
@@ -421,6 +449,9 @@ def run(config: Mapping[str, Any], invocation: argparse.Namespace) -> Path:
     model_overrides = dict(config["model_config"])
     model_overrides.setdefault("in_channels", image_shape[-1])
     model_overrides.setdefault("num_classes", num_classes)
+    if text is not None:
+        model_overrides.setdefault("text_dim", text.width)
+        model_overrides.setdefault("pooled_dim", text.width)
     if config["model"].lower().startswith("dit"):
         model_overrides.setdefault("input_size", image_shape[0])
     try:
@@ -430,25 +461,24 @@ def run(config: Mapping[str, Any], invocation: argparse.Namespace) -> Path:
     model = model_cfg.make()
     schedule, predictor, weighting, time_sampler = build_diffusion(config)
     null_cond = {"label": num_classes} if num_classes > 0 else None
-    train_config = TrainConfig(
-        learning_rate=config["learning_rate"], warmup_steps=config["warmup_steps"], lr_decay=config["lr_decay"],
-        decay_steps=config["decay_steps"], end_lr_fraction=config["end_lr_fraction"], optimizer=config["optimizer"],
-        b1=config["b1"], b2=config["b2"], weight_decay=config["weight_decay"], grad_clip=config["grad_clip"],
-        grad_accum_steps=config["grad_accum_steps"], ema_decay=config["ema_decay"],
-        compute_dtype=config["precision"], cond_drop_prob=config["cond_drop_prob"] if null_cond else 0.0,
-        null_cond=null_cond, fsdp=config["fsdp"], seed=config["seed"], total_steps=total_steps,
-        log_every=config["log_every"], checkpoint_every=config["checkpoint_every"],
-        keep_checkpoints=config["keep_checkpoints"], eval_every=config["eval_every"],
-        eval_batches=config["eval_batches"], sample_every=config["sample_every"])
+    if text is not None:
+        null_cond = dict(captions.NULL_TEXT_COND)
+    train_config = build_train_config(config, total_steps, null_cond)
     example = {"image": first["image"]}
-    if null_cond:
+    if text is not None:
+        example.update({key: first[key] for key in ("text", "text_mask", "pooled")})
+    elif null_cond:
         example["label"] = first["label"]
     data_config = {
         "dataset": config["dataset"], "image_size": config["image_size"], "num_classes": num_classes,
         "image_channels": channels if channels is not None else image_shape[-1],
         "latent_autoencoder": (str(Path(config["latent_autoencoder"]).expanduser().absolute())
                                if config["latent_autoencoder"] else None),
+        "text_encoder": str(workdir / "text_encoder") if text is not None else None,
+        "captions": config["captions"],
     }
+    if text is not None and is_main:
+        text.save(workdir / "text_encoder")
 
     per_class = config["preview_per_class"]
     preview_labels = (np.repeat(np.arange(num_classes), per_class).astype(np.int32)
@@ -459,6 +489,10 @@ def run(config: Mapping[str, Any], invocation: argparse.Namespace) -> Path:
     if per_class > 0:
         guidance = config["preview_guidance"] if null_cond and config["preview_guidance"] > 0 else None
         cond = {"label": jnp.asarray(preview_labels)} if null_cond else None
+        if text is not None:
+            prompts = captions.preview_prompts(source, per_class)
+            preview_labels = np.zeros(len(prompts), np.int32)
+            cond = text.encode(prompts)
         raw_fn = make_sample_fn(trainer, num_images=len(preview_labels), sampler=config["preview_sampler"],
                                 steps=config["preview_steps"], guidance_scale=guidance, cond=cond)
         sample_fn = raw_fn if decode is None else (lambda params, key: decode(raw_fn(params, key)))
@@ -496,9 +530,12 @@ def run(config: Mapping[str, Any], invocation: argparse.Namespace) -> Path:
         val_source = data.load_source(config["dataset"], **{**source_options, "split": "validation"})
 
         def val_data() -> Any:
-            it = data.make_loader(val_source, local_batch, config["image_size"], seed=config["seed"], shuffle=False,
-                                  num_epochs=1, channels=channels)
-            return LatentIterator(it, encode) if ae_config is not None else it
+            captioned = captions.with_captions(val_source, config["captions"], config["seed"]) if text else val_source
+            it = data.make_loader(captioned, local_batch, config["image_size"], seed=config["seed"], shuffle=False,
+                                  num_epochs=1, channels=channels,
+                                  tokenizer=text.tokenizer() if text is not None else None)
+            it = LatentIterator(it, encode) if ae_config is not None else it
+            return captions.TextIterator(it, text) if text is not None else it
 
     stream = _Resumable()
     if invocation.resume and not trainer.restore(stream):
@@ -508,11 +545,51 @@ def run(config: Mapping[str, Any], invocation: argparse.Namespace) -> Path:
     if sample_fn is not None:
         images = np.asarray(jax.device_get(sample_fn(trainer.state.ema_params, jax.random.PRNGKey(config["seed"]))))
         if is_main:
-            columns = per_class if num_classes > 0 else max(per_class, 1)
+            columns = per_class if num_classes > 0 or text is not None else max(per_class, 1)
             path = save_image_grid(images, workdir / "samples.png", columns=columns)
             logger.info("wrote %s", path)
     logger.info("done in %.1f s", time.perf_counter() - start)
     return workdir
+
+
+def _run_other_task(config: Mapping[str, Any], source: Any, workdir: Path, local_batch: int) -> Path:
+    """--task autoencoder (flaxdiff.latents.train_autoencoder into workdir/autoencoder) or --task reflow
+    (flaxdiff.reflow.run_reflow from --reflow-from into workdir)."""
+    if config["task"] == "autoencoder":
+        from flaxdiff import latents
+
+        steps = config["steps"] or max(1, int(math.ceil(config["epochs"] * len(source) / config["batch_size"])))
+        out = latents.train_autoencoder(
+            source, workdir / "autoencoder", model=config["autoencoder_model"], image_size=config["image_size"],
+            channels=config["channels"], batch_size=local_batch, steps=steps, learning_rate=config["learning_rate"],
+            kl_weight=config["kl_weight"], seed=config["seed"], log_every=config["log_every"])
+        logger.info("autoencoder written to %s (use --latent-autoencoder %s)", out, out)
+        return workdir
+    from flaxdiff import reflow
+
+    steps = config["steps"] or max(1, int(math.ceil(config["epochs"] * config["reflow_pairs"] / config["batch_size"])))
+    guidance = config["reflow_guidance"] if config["reflow_guidance"] > 0 else None
+    reflow.run_reflow(config["reflow_from"], workdir, num_pairs=config["reflow_pairs"],
+                      pair_sampler=config["reflow_sampler"], pair_steps=config["reflow_steps"],
+                      guidance_scale=guidance, train_config=build_train_config(config, steps, None),
+                      batch_size=local_batch, seed=config["seed"])
+    return workdir
+
+
+def build_train_config(config: Mapping[str, Any], total_steps: int, null_cond: Mapping[str, Any] | None) -> Any:
+    """The TrainConfig of the settings (condition dropout only when there is a null condition)."""
+    from flaxdiff.training import TrainConfig
+
+    return TrainConfig(
+        learning_rate=config["learning_rate"], warmup_steps=config["warmup_steps"], lr_decay=config["lr_decay"],
+        decay_steps=config["decay_steps"], end_lr_fraction=config["end_lr_fraction"], optimizer=config["optimizer"],
+        b1=config["b1"], b2=config["b2"], weight_decay=config["weight_decay"], grad_clip=config["grad_clip"],
+        grad_accum_steps=config["grad_accum_steps"], ema_decay=config["ema_decay"],
+        compute_dtype=config["precision"], cond_drop_prob=config["cond_drop_prob"] if null_cond else 0.0,
+        null_cond=null_cond, fsdp=config["fsdp"], seed=config["seed"], total_steps=total_steps,
+        log_every=config["log_every"], checkpoint_every=config["checkpoint_every"],
+        keep_checkpoints=config["keep_checkpoints"], eval_every=config["eval_every"],
+        eval_batches=config["eval_batches"], sample_every=config["sample_every"])
 
 
 def param_count(model: Any, example: Mapping[str, Any]) -> int:
@@ -521,7 +598,8 @@ def param_count(model: Any, example: Mapping[str, Any]) -> int:
     import jax.numpy as jnp
 
     x = jnp.zeros((1,) + tuple(example["image"].shape[1:]))
-    cond = {"label": jnp.zeros((1,), jnp.int32)} if "label" in example else None
+    cond = {key: jnp.zeros((1,) + tuple(value.shape[1:]), value.dtype)
+            for key, value in example.items() if key != "image"} or None
     shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, jnp.zeros((1,)), cond, train=False))
     return int(sum(leaf.size for leaf in jax.tree.leaves(shapes["params"])))
 

@@ -8,7 +8,9 @@
 Sampling runs ``flaxdiff.samplers.sample_model`` on the checkpoint's schedule and predictor. Row i of a call
 uses only the key ``fold_in(PRNGKey(seed), i)`` (noise and any sampler randomness), so an image does not depend on
 the batch it was drawn in. A checkpoint trained on autoencoder latents (``config["data"]["latent_autoencoder"]``)
-is decoded with that frozen autoencoder: ``x = decode(latents / scaling_factor + shift_factor)``.
+is decoded with that frozen autoencoder: ``x = decode(latents / scaling_factor + shift_factor)``. A checkpoint
+trained on captions (``config["data"]["text_encoder"]``) takes ``prompts=[...]``, encoded by that frozen text
+encoder; its guidance null is ``flaxdiff.data.captions.NULL_TEXT_COND`` (zeros, all-False mask).
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ __all__ = ["Pipeline", "resolve_checkpoint_dir", "to_uint8"]
 
 def resolve_checkpoint_dir(path: str | Path) -> Path:
     """The orbax directory holding numbered steps: ``path`` itself or ``path/checkpoints`` (a training run dir)."""
-    path = Path(path).expanduser()
+    path = Path(path).expanduser().absolute()
     if not path.is_dir():
         raise ValueError(f"checkpoint directory {path} does not exist")
     for candidate in (path, path / "checkpoints"):
@@ -56,7 +58,7 @@ class Pipeline:
     def __init__(self, model: Any, params: Any, schedule: Any, predictor: Any, sample_shape: Sequence[int],
                  num_classes: int = 0, null_cond: dict[str, Any] | None = None,
                  decode: Callable[[jax.Array], jax.Array] | None = None, config: dict[str, Any] | None = None,
-                 step: int | None = None) -> None:
+                 step: int | None = None, text: Any = None) -> None:
         self.model = model
         self.params = params
         self.schedule = schedule
@@ -68,6 +70,7 @@ class Pipeline:
         self.decode = decode
         self.config = config or {}
         self.step = step
+        self.text = text
 
     @classmethod
     def from_pretrained(cls, checkpoint_dir: str | Path, step: int | None = None, ema: bool = True) -> "Pipeline":
@@ -92,10 +95,15 @@ class Pipeline:
         decode = None
         if data.get("latent_autoencoder"):
             decode = _latent_decoder(data["latent_autoencoder"])
+        text = None
+        if data.get("text_encoder"):
+            from flaxdiff.data.captions import TextConditioner
+
+            text = TextConditioner.create(data["text_encoder"])
         logger.info("loaded step %d of %s (%s params)", step, directory, "EMA" if ema else "raw")
         return cls(components["model"], params, components["schedule"], components["predictor"],
                    shapes[image_key]["shape"], num_classes, dict(null_cond) if null_cond else None, decode,
-                   config, step)
+                   config, step, text)
 
     @property
     def image_shape(self) -> tuple[int, ...]:
@@ -109,18 +117,21 @@ class Pipeline:
         return self.model.apply({"params": params}, x, c_noise, cond, train=False)
 
     def generate(self, num_images: int | None = None, labels: Sequence[int] | np.ndarray | None = None,
-                 sampler: str = "unipc", steps: int = 20, guidance_scale: float | None = None, seed: int = 0,
+                 prompts: Sequence[str] | None = None, sampler: str = "unipc", steps: int = 20, guidance_scale: float | None = None, seed: int = 0,
                  output: str = "uint8", batch_size: int = 256, **sampler_options: Any) -> np.ndarray:
         """Images (N, H, W, C): uint8 pixels (``output="uint8"``) or float32 in [-1, 1] (``output="float"``).
 
         labels: class of every image (class-conditional models); num_images alone draws labels i mod num_classes
-        (unconditional models take only num_images). guidance_scale: classifier-free guidance weight w
+        (unconditional models take only num_images); prompts: the text of every image (text-conditioned models; one
+        prompt with num_images repeats it). guidance_scale: classifier-free guidance weight w
         (D = D_null + w (D_cond - D_null); None or 1 -> plain conditional). batch_size bounds one forward batch.
         """
         if output not in ("uint8", "float"):
             raise ValueError(f"output={output!r}; accepted: uint8, float")
-        labels_array = self._labels(num_images, labels)
-        count = len(labels_array) if labels_array is not None else int(num_images)
+        prompt_list = self._prompts(num_images, labels, prompts)
+        labels_array = self._labels(num_images, labels) if prompt_list is None else None
+        count = len(prompt_list) if prompt_list is not None else (
+            len(labels_array) if labels_array is not None else int(num_images))
         if guidance_scale is not None and self.null_cond is None:
             raise ValueError(f"guidance_scale={guidance_scale} needs a conditional model; this one is unconditional")
         if guidance_scale is not None and float(guidance_scale) == 1.0:
@@ -139,10 +150,29 @@ class Pipeline:
                 chunk_labels = labels_array[start:start + rows]
                 chunk_labels = np.concatenate([chunk_labels, np.zeros(pad, np.int32)]) if pad else chunk_labels
                 cond = {"label": jnp.asarray(chunk_labels)}
+            if prompt_list is not None:
+                cond = self.text.encode(prompt_list[start:start + rows] + prompt_list[:pad])
             images = self._sample(chunk_keys, cond, sampler, steps, guidance_scale, sampler_options)
             pieces.append(np.asarray(images)[:rows])
         images = np.concatenate(pieces)
         return to_uint8(images) if output == "uint8" else images
+
+    def _prompts(self, num_images: int | None, labels: Any, prompts: Sequence[str] | None) -> list[str] | None:
+        if self.text is None:
+            if prompts is not None:
+                raise ValueError("prompts given but this model is not text-conditioned; pass labels or num_images")
+            return None
+        if labels is not None:
+            raise ValueError("labels given but this model is text-conditioned; pass prompts=[...]")
+        if prompts is None or isinstance(prompts, str) or len(prompts) == 0:
+            raise ValueError(f"this model is text-conditioned; pass prompts as a non-empty list of strings, got "
+                             f"{prompts!r}")
+        prompt_list = [str(p) for p in prompts]
+        if num_images is not None and int(num_images) != len(prompt_list):
+            if len(prompt_list) != 1:
+                raise ValueError(f"num_images={num_images} but {len(prompt_list)} prompts were given")
+            prompt_list = prompt_list * int(num_images)
+        return prompt_list
 
     def _labels(self, num_images: int | None, labels: Sequence[int] | np.ndarray | None) -> np.ndarray | None:
         if self.num_classes == 0:
