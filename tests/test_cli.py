@@ -50,9 +50,10 @@ def test_sample_writes_the_requested_grid(run_dir, tmp_path, capsys):
     assert (report["rows"], report["columns"], report["images"], report["step"]) == (3, 5, 15, 2)
 
 
-def test_sample_default_grid_is_one_row_per_class(run_dir, tmp_path, capsys):
+def test_sample_default_grid_is_one_row_per_class(run_dir, tmp_path, capsys, monkeypatch):
     out = tmp_path / "all.png"
-    code, _, _ = _cli(["sample", run_dir / "checkpoints", "--out", out, "--per-class", "2", "--steps", "2",
+    monkeypatch.chdir(run_dir.parent)                      # a relative checkpoint path works too
+    code, _, _ = _cli(["sample", Path(run_dir.name) / "checkpoints", "--out", out, "--per-class", "2", "--steps", "2",
                        "--sampler", "euler", "--guidance", "1"], capsys)
     assert code == 0
     assert Image.open(out).size == (2 * 16, 10 * 16)
