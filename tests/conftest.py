@@ -1,8 +1,21 @@
-"""Shared test fixtures."""
-import contextlib
+"""Shared test fixtures, and the XLA settings of the test session (set before jax is imported).
 
-import jax
-import pytest
+The suite is dominated by XLA:CPU compile time, not run time, so tests compile with LLVM optimisation level 0
+(about 25% less CPU for the model tests) and share a persistent compilation cache between pytest-xdist workers and
+the training subprocesses the tests launch. Neither changes what is computed.
+"""
+import contextlib
+import os
+import pathlib
+
+_flags = os.environ.get("XLA_FLAGS", "")
+if "xla_backend_optimization_level" not in _flags:
+    os.environ["XLA_FLAGS"] = f"{_flags} --xla_backend_optimization_level=0".strip()
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      str(pathlib.Path(__file__).resolve().parent.parent / ".pytest_cache" / "jax_cache"))
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
 
 
 @contextlib.contextmanager

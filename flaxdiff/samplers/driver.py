@@ -120,12 +120,25 @@ def _resolve_sampler(sampler: str | Sampler, options: dict[str, Any]) -> Sampler
 
 def _make_grid(grid: str | Any, steps: int, schedule: NoiseSchedule | None, sigma_min: float | None,
                sigma_max: float | None, rho: float, grid_options: dict[str, Any] | None) -> np.ndarray:
-    options = dict(grid_options or {})
     if not isinstance(grid, str):
         return timesteps.validate(grid)
+    options = dict(grid_options or {})
     if grid == "karras":
         options.setdefault("rho", rho)
-    return timesteps.get(grid, steps, schedule=schedule, sigma_min=sigma_min, sigma_max=sigma_max, **options)
+    try:
+        frozen_options = tuple(sorted(options.items()))
+        hash(frozen_options)
+    except TypeError:
+        return timesteps.get(grid, steps, schedule=schedule, sigma_min=sigma_min, sigma_max=sigma_max, **options)
+    return _cached_grid(grid, steps, schedule, sigma_min, sigma_max, frozen_options).copy()
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_grid(grid: str, steps: int, schedule: NoiseSchedule | None, sigma_min: float | None,
+                 sigma_max: float | None, options: tuple[tuple[str, Any], ...]) -> np.ndarray:
+    """Grids are pure functions of hashable arguments; building one runs many small host-side JAX ops, so a
+    repeated ``sample_model`` call reuses it instead of paying that cost per call."""
+    return timesteps.get(grid, steps, schedule=schedule, sigma_min=sigma_min, sigma_max=sigma_max, **dict(options))
 
 
 def _check_keys(sampler: Sampler, key: Array | None, sample_keys: Array | None) -> Array | None:
