@@ -1,6 +1,7 @@
 """The ``flaxdiff`` command: sample, evaluate and export training checkpoints.
 
     flaxdiff sample runs/mnist --out grid.png [--classes 0,3,7] [--per-class 10] [--guidance 2] [--steps 20]
+    flaxdiff sample runs/text --out grid.png --prompt "the number 7" "a handwritten digit two" [--per-class 8]
     flaxdiff eval runs/mnist [--per-class 100] [--out metrics.json]
     flaxdiff export runs/mnist exported/ [--step N] [--no-ema]
 
@@ -66,8 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="images per class row (default 10, or --num-images / number of classes)")
     sample.add_argument("--num-images", type=int, default=None,
                         help="total images (unconditional models, or split evenly over the classes)")
-    sample.add_argument("--prompts", nargs="+", default=None,
-                        help="text prompts (only for text-conditioned checkpoints)")
+    sample.add_argument("--prompt", "--prompts", dest="prompts", nargs="+", default=None,
+                        help="text prompts, one grid row each (text-conditioned checkpoints)")
     sample.add_argument("--columns", type=int, default=None, help="grid columns (default: images per class)")
 
     evaluate = commands.add_parser("eval", help="class accuracy and Fréchet distance of class-conditional samples",
@@ -122,6 +123,8 @@ def _load(args: argparse.Namespace) -> Any:
 
 def _sample_labels(pipe: Any, args: argparse.Namespace) -> tuple[np.ndarray | None, int, int]:
     """(labels or None, number of images, grid columns)."""
+    if pipe.text is not None:
+        raise CLIError(f"{args.checkpoint_dir} is text-conditioned; pass --prompt \"...\"")
     if args.prompts is not None:
         raise CLIError(f"--prompts needs a text-conditioned checkpoint; {args.checkpoint_dir} is "
                        f"{'class-conditional' if pipe.num_classes else 'unconditional'}"
@@ -150,8 +153,17 @@ def cmd_sample(args: argparse.Namespace) -> dict[str, Any]:
 
     out = _check_output_file(args.out, args.overwrite, ".png")
     pipe = _load(args)
-    labels, count, columns = _sample_labels(pipe, args)
-    images = pipe.generate(num_images=count if labels is None else None, labels=labels, sampler=args.sampler,
+    prompts = None
+    if pipe.text is not None and args.prompts is not None:
+        if args.classes is not None:
+            raise CLIError("--classes given but the checkpoint is text-conditioned; use --prompt")
+        per_prompt = args.per_class or (max(1, args.num_images // len(args.prompts)) if args.num_images else 8)
+        prompts = [prompt for prompt in args.prompts for _ in range(per_prompt)]
+        labels, count, columns = None, len(prompts), args.columns or per_prompt
+    else:
+        labels, count, columns = _sample_labels(pipe, args)
+    images = pipe.generate(num_images=count if labels is None and prompts is None else None, labels=labels,
+                           prompts=prompts, sampler=args.sampler,
                            steps=args.steps, guidance_scale=_guidance(args.guidance), seed=args.seed,
                            output="float", batch_size=args.batch_size)
     save_image_grid(images, out, columns=columns)
