@@ -19,7 +19,9 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -n $(PYTEST_WORKERS) -q tests
 
 demo: $(VENV)/.installed
-	$(PY) examples/sample_gaussian.py
+	$(PY) training.py --resume --workdir runs/mnist
+	$(VENV)/bin/flaxdiff sample runs/mnist --out runs/mnist/grid.png --overwrite
+	@echo "sample grid: runs/mnist/grid.png"
 
 clean:
 	rm -rf $(VENV) build *.egg-info
