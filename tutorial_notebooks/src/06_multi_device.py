@@ -106,7 +106,8 @@ script = textwrap.dedent('''
             f"{sorted({s.data.shape for s in kernel.addressable_shards})}"
     print(json.dumps(report))
 ''')
-env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()
+env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
 result = subprocess.run([sys.executable, "-c", script, str(pick(40, 3))], env=env, capture_output=True, text=True,
                         check=False)
 if result.returncode:
