@@ -243,3 +243,25 @@ def test_per_sample_keys_fold_in_row_wise():
     keys = jax.random.split(jax.random.PRNGKey(0), 3)
     folded = sub_key(keys, 4)
     np.testing.assert_array_equal(np.asarray(folded[1]), np.asarray(jax.random.fold_in(keys[1], 4)))
+
+
+def test_churn_outside_its_window_stays_finite():
+    """Churn with s_tmin above the last levels (gamma = 0 there) adds no noise and never NaN. Run in a fresh
+    process with XLA's default optimisation level (the suite compiles at level 0, where the old rounding-negative
+    sqrt(s_hat^2 - s^2) did not show)."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import jax, jax.numpy as jnp\n"
+        "from flaxdiff import samplers\n"
+        "noise = jax.random.normal(jax.random.key(1), (16, 2))\n"
+        "for name in ('euler', 'heun'):\n"
+        "    x, _ = samplers.sample(lambda x, s: x / (1 + s[:, None] ** 2), noise, sampler=name, steps=4,\n"
+        "                           grid='karras', key=jax.random.key(0), s_churn=1.0, s_tmin=0.05)\n"
+        "    assert bool(jnp.all(jnp.isfinite(x))), name\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]

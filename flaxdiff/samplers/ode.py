@@ -47,7 +47,8 @@ class _Churn(Sampler):
             return x, sigma
         gamma = jnp.where((sigma >= self.s_tmin) & (sigma <= self.s_tmax), gamma_max, 0.0)
         sigma_hat = sigma * (1.0 + gamma)
-        x = x + gaussian_like(key, x) * (self.s_noise * jnp.sqrt(sigma_hat**2 - sigma**2))
+        # sqrt(s_hat^2 - s^2) written as s sqrt(gamma (2 + gamma)): never the root of a rounded-negative number.
+        x = x + gaussian_like(key, x) * (self.s_noise * sigma * jnp.sqrt(gamma * (2.0 + gamma)))
         return x, sigma_hat
 
     def final_step(self, denoise: Denoise, x: Array, state: Any, sigma: Array, key: Array | None) -> Array:
