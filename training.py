@@ -79,7 +79,7 @@ DEFAULTS: dict[str, Any] = {
     "b2": 0.99,
     "grad_clip": 1.0,
     "batch_size": 32,
-    "steps": 1000,
+    "steps": 1200,
     "epochs": None,
     "grad_accum_steps": 1,
     "ema_decay": 0.999,
@@ -94,9 +94,9 @@ DEFAULTS: dict[str, Any] = {
     "eval_every": 0,
     "eval_batches": 4,
     "sample_every": 0,
-    "preview_sampler": "unipc",
+    "preview_sampler": "dpmpp_2m",
     "preview_steps": 20,
-    "preview_guidance": 2.0,
+    "preview_guidance": 3.0,
     "preview_per_class": 10,
 }
 
