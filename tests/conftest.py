@@ -7,6 +7,7 @@ the training subprocesses the tests launch. Neither changes what is computed.
 import contextlib
 import os
 import pathlib
+import sys
 
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_backend_optimization_level" not in _flags:
@@ -33,3 +34,20 @@ def x64():
     """Run the test with 64-bit floats enabled (restored afterwards)."""
     with _x64():
         yield
+
+
+TINY_TRAINING_ARGS = ["--dataset", "digits", "--image-size", "16", "--model", "unet-tiny", "--model-config", "{}",
+                      "--batch-size", "16", "--steps", "2", "--log-every", "1", "--preview-per-class", "0"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A tiny class-conditional checkpoint written by training.py (2 steps of unet-tiny on 16x16 digits)."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    import training
+
+    workdir = tmp_path_factory.mktemp("tiny_run")
+    assert training.main([*TINY_TRAINING_ARGS, "--workdir", str(workdir)]) == 0
+    return workdir

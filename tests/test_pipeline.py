@@ -1,25 +1,8 @@
 """Pipeline.from_pretrained on a tiny training.py checkpoint: shapes, dtypes, labels, per-image seeds."""
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from flaxdiff.pipeline import Pipeline, resolve_checkpoint_dir, to_uint8
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import training  # noqa: E402
-
-TINY = ["--dataset", "digits", "--image-size", "16", "--model", "unet-tiny", "--model-config", "{}",
-        "--batch-size", "16", "--steps", "2", "--log-every", "1", "--preview-per-class", "0"]
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("pipeline_run")
-    assert training.main([*TINY, "--workdir", str(workdir)]) == 0
-    return workdir
 
 
 @pytest.fixture(scope="module")
