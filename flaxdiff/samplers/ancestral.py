@@ -13,7 +13,7 @@ from typing import Any
 
 import jax
 
-from flaxdiff.samplers.common import Denoise, Sampler, ancestral_step, check_eta, gaussian_like
+from flaxdiff.samplers.common import Denoise, EtaSampler, Sampler, ancestral_step, gaussian_like
 
 Array = jax.Array
 
@@ -31,20 +31,12 @@ def _ancestral(denoise: Denoise, x: Array, sigma: Array, sigma_next: Array, key:
 
 
 @dataclasses.dataclass(frozen=True)
-class EulerAncestral(Sampler):
+class EulerAncestral(EtaSampler):
     """Euler ancestral (k-diffusion ``sample_euler_ancestral``); eta = 1 by default, s_noise scales the noise."""
 
-    eta: float = 1.0
     s_noise: float = 1.0
 
     name = "euler_ancestral"
-
-    def __post_init__(self) -> None:
-        check_eta(self.eta)
-
-    @property
-    def stochastic(self) -> bool:
-        return self.eta > 0
 
     def step(self, denoise: Denoise, x: Array, state: Any, sigma: Array, sigma_next: Array,
              key: Array | None) -> tuple[Array, Any]:
@@ -52,7 +44,7 @@ class EulerAncestral(Sampler):
 
 
 @dataclasses.dataclass(frozen=True)
-class DDIM(Sampler):
+class DDIM(EtaSampler):
     """DDIM (Song et al. 2021, eq. 12). With alpha-bar written through s = sigma / alpha:
 
         x0 = D(x, s),  eps = (x - x0) / s,  x' = x0 + sqrt(s'^2 - sigma_up^2) eps + sigma_up z,
@@ -64,13 +56,6 @@ class DDIM(Sampler):
     eta: float = 0.0
 
     name = "ddim"
-
-    def __post_init__(self) -> None:
-        check_eta(self.eta)
-
-    @property
-    def stochastic(self) -> bool:
-        return self.eta > 0
 
     def step(self, denoise: Denoise, x: Array, state: Any, sigma: Array, sigma_next: Array,
              key: Array | None) -> tuple[Array, Any]:

@@ -30,6 +30,7 @@ __all__ = [
     "sub_key",
     "push",
     "check_eta",
+    "EtaSampler",
     "check_choice",
 ]
 
@@ -124,6 +125,20 @@ def push(history: Array, value: Array) -> Array:
 def check_eta(eta: float) -> None:
     if not eta >= 0:
         raise ValueError(f"eta={eta!r} must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class EtaSampler(Sampler):
+    """A sampler whose injected noise is scaled by ``eta`` >= 0; eta = 0 makes it deterministic."""
+
+    eta: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_eta(self.eta)
+
+    @property
+    def stochastic(self) -> bool:
+        return self.eta > 0
 
 
 def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:

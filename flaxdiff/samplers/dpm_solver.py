@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from flaxdiff.samplers.common import (Denoise, Sampler, ancestral_step, check_choice, check_eta, exp_step,
+from flaxdiff.samplers.common import (Denoise, EtaSampler, Sampler, ancestral_step, check_choice, exp_step,
                                       gaussian_like, push)
 
 Array = jax.Array
@@ -30,25 +30,17 @@ def _history(x: Array, size: int) -> tuple[Array, Array, Array]:
 
 
 @dataclasses.dataclass(frozen=True)
-class DPMPP2SAncestral(Sampler):
+class DPMPP2SAncestral(EtaSampler):
     """DPM-Solver++(2S) with an ancestral step (k-diffusion ``sample_dpmpp_2s_ancestral``); 2 NFE per step.
 
         (s_d, s_u) = ancestral_step(s, s', eta),  s_mid = sqrt(s s_d),
         x_mid = (s_mid / s) x + (1 - s_mid / s) D(x, s),   x' = (s_d / s) x + (1 - s_d / s) D(x_mid, s_mid) + s_u z
     """
 
-    eta: float = 1.0
     s_noise: float = 1.0
 
     name = "dpmpp_2s_ancestral"
     nfe_per_step = 2
-
-    def __post_init__(self) -> None:
-        check_eta(self.eta)
-
-    @property
-    def stochastic(self) -> bool:
-        return self.eta > 0
 
     def step(self, denoise: Denoise, x: Array, state: Any, sigma: Array, sigma_next: Array,
              key: Array | None) -> tuple[Array, Any]:
@@ -85,26 +77,21 @@ class DPMPP2M(Sampler):
 
 
 @dataclasses.dataclass(frozen=True)
-class DPMPP2MSDE(Sampler):
+class DPMPP2MSDE(EtaSampler):
     """DPM-Solver++(2M) SDE (k-diffusion ``sample_dpmpp_2m_sde``), 1 NFE per step; eta = 0 is an ODE solver.
 
         x' = (s' / s) e^{-eta h} x + (1 - e^{-(1 + eta) h}) D_i + c (D_i - D_{i-1}) / r + s' sqrt(1 - e^{-2 eta h}) z
         c = (1 - e^{-(1 + eta) h}) / 2 (midpoint)  or  1 - (1 - e^{-(1 + eta) h}) / ((1 + eta) h) (heun)
     """
 
-    eta: float = 1.0
     s_noise: float = 1.0
     solver_type: str = "midpoint"
 
     name = "dpmpp_2m_sde"
 
     def __post_init__(self) -> None:
-        check_eta(self.eta)
+        super().__post_init__()
         check_choice("solver_type", self.solver_type, ("midpoint", "heun"))
-
-    @property
-    def stochastic(self) -> bool:
-        return self.eta > 0
 
     def init_state(self, x: Array, sigmas: Array) -> Any:
         return _history(x, 1)
@@ -128,7 +115,7 @@ class DPMPP2MSDE(Sampler):
 
 
 @dataclasses.dataclass(frozen=True)
-class DPMPP3MSDE(Sampler):
+class DPMPP3MSDE(EtaSampler):
     """DPM-Solver++(3M) SDE (k-diffusion ``sample_dpmpp_3m_sde``), 1 NFE per step; eta = 0 is the third-order ODE
     multistep solver. With h_eta = (1 + eta) h, phi_2 = expm1(-h_eta) / h_eta + 1, phi_3 = phi_2 / h_eta - 1 / 2:
 
@@ -137,17 +124,9 @@ class DPMPP3MSDE(Sampler):
     where d1, d2 are the first and second divided differences of D over lambda (lower order while history fills).
     """
 
-    eta: float = 1.0
     s_noise: float = 1.0
 
     name = "dpmpp_3m_sde"
-
-    def __post_init__(self) -> None:
-        check_eta(self.eta)
-
-    @property
-    def stochastic(self) -> bool:
-        return self.eta > 0
 
     def init_state(self, x: Array, sigmas: Array) -> Any:
         return _history(x, 2)
