@@ -299,18 +299,20 @@ def diffusion_loss(
     cond_drop_prob: float = 0.0,
     null_cond: Mapping[str, Array] | None = None,
     loss_mask: Array | None = None,
+    noise: Array | None = None,
 ) -> tuple[Array, dict[str, Array]]:
     """The weighted denoising loss of one batch; returns (scalar loss, metrics).
 
     apply_fn(params, network_input, c_noise, cond) -> F. Randomness (t, eps, condition dropout) comes from ``key``
     only; a model's own dropout key should be closed over by ``apply_fn``. ``loss_mask`` (broadcastable to x0) limits
     the squared error to selected elements (e.g. visible patches); the per-example error is the masked mean.
+    ``noise``, when given, is the eps of x_t = alpha x0 + sigma eps instead of a fresh draw (reflow's coupled pairs).
     Metrics: "loss", "loss_per_example", "mse_per_example", "t", "weight".
     """
     key_t, key_eps, key_drop = jax.random.split(key, 3)
     batch = x0.shape[0]
     t = time_sampler.sample(key_t, batch, schedule)
-    eps = jax.random.normal(key_eps, x0.shape, x0.dtype)
+    eps = jax.random.normal(key_eps, x0.shape, x0.dtype) if noise is None else noise
     level = noise_level(schedule, t)
     shape = (batch,) + (1,) * (x0.ndim - 1)
     x_t = level.alpha.reshape(shape) * x0 + level.sigma.reshape(shape) * eps

@@ -26,7 +26,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxdiff import losses, samplers, timesteps
-from flaxdiff.predictors import noise_level
 from flaxdiff.training.trainer import DiffusionTrainer
 
 logger = logging.getLogger(__name__)
@@ -117,22 +116,8 @@ def reflow_loss(apply_fn: losses.ApplyFn, params: Any, x0: Array, eps: Array, co
                 key: Array, schedule: Any, predictor: Any, weighting: Any, time_sampler: Any,
                 loss_mask: Array | None = None) -> tuple[Array, dict[str, Array]]:
     """The loss of the module docstring (step 2): the diffusion loss with ``eps`` given, not drawn."""
-    batch = x0.shape[0]
-    t = time_sampler.sample(key, batch, schedule)
-    level = noise_level(schedule, t)
-    shape = (batch,) + (1,) * (x0.ndim - 1)
-    x_t = level.alpha.reshape(shape) * x0 + level.sigma.reshape(shape) * eps
-    output = apply_fn(params, predictor.network_input(x_t, level), predictor.c_noise(level), cond)
-    sq_err = jnp.square(output.astype(jnp.float32) - predictor.target(x0, eps, level).astype(jnp.float32))
-    axes = tuple(range(1, x0.ndim))
-    if loss_mask is None:
-        mse = jnp.mean(sq_err, axis=axes)
-    else:
-        mask = jnp.broadcast_to(loss_mask, sq_err.shape).astype(jnp.float32)
-        mse = jnp.sum(sq_err * mask, axis=axes) / jnp.maximum(jnp.sum(mask, axis=axes), 1.0)
-    per_example = weighting(level, predictor) * mse
-    loss = jnp.mean(per_example)
-    return loss, {"loss": loss, "loss_per_example": per_example, "mse_per_example": mse, "t": t}
+    return losses.diffusion_loss(apply_fn, params, x0, cond, key, schedule, predictor, weighting, time_sampler,
+                                 loss_mask=loss_mask, noise=eps)
 
 
 class ReflowTrainer(DiffusionTrainer):
