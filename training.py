@@ -54,8 +54,8 @@ DEFAULTS: dict[str, Any] = {
     "reflow_guidance": 0.0,
     # model
     "model": "unet-small",
-    "model_config": {"base_channels": 32, "channel_mult": [1, 2, 2], "num_res_blocks": 1,
-                     "attention_levels": [2], "num_heads": 4, "norm_num_groups": 8},
+    "model_config": {"patch_size": 2, "base_channels": 64, "channel_mult": [1, 2], "num_res_blocks": 1,
+                     "attention_levels": [1], "num_heads": 4, "norm_num_groups": 8},
     # diffusion
     "schedule": "rectified_flow",
     "schedule_options": {},
@@ -79,7 +79,7 @@ DEFAULTS: dict[str, Any] = {
     "b2": 0.99,
     "grad_clip": 1.0,
     "batch_size": 32,
-    "steps": 1200,
+    "steps": 1250,
     "epochs": None,
     "grad_accum_steps": 1,
     "ema_decay": 0.999,

@@ -12,5 +12,9 @@ echo "== uptime: $(uptime)"
 echo "== uptime: $(uptime)"
 "$PYTHON" benchmarks/bench_train.py --json docs/train_benchmark.json
 echo "== uptime: $(uptime)"
+"$PYTHON" benchmarks/bench_kernels.py --json docs/kernel_ceiling.json
+echo "== uptime: $(uptime)"
 "$PYTHON" benchmarks/bench_scaling.py --model unet-tiny --json docs/scaling_unet_tiny.json
+echo "== uptime: $(uptime)"
+"$PYTHON" benchmarks/bench_quality.py --json docs/quality_per_minute.json --plot docs/quality_per_minute.png
 echo "== uptime: $(uptime)"

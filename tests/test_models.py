@@ -125,6 +125,33 @@ def test_attention_matches_explicit_softmax():
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_cpu_attention_path_equals_the_softmax_formula_values_and_gradients(masked, x64):
+    keys = jax.random.split(KEY, 5)
+    q = jax.random.normal(keys[0], (3, 7, 2, 4), jnp.float64)
+    k, v = (jax.random.normal(kk, (3, 9, 2, 4), jnp.float64) for kk in keys[1:3])
+    cot = jax.random.normal(keys[3], (3, 7, 2, 4), jnp.float64)
+    mask = jax.random.bernoulli(keys[4], 0.6, (3, 1, 1, 9)).at[:, :, :, 0].set(True) if masked else None
+
+    def formula(q, k, v):   # the definition, in float64 throughout
+        logits = jnp.einsum("btnh,bsnh->bnts", q, k) / 2.0
+        if mask is not None:
+            logits = jnp.where(mask, logits, -jnp.inf)
+        return jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(logits, axis=-1), v)
+
+    assert jax.default_backend() == "cpu"   # the heads-major path is the one under test
+    out = layers.dot_product_attention(q, k, v, mask)
+    assert out.dtype == jnp.float64
+    np.testing.assert_allclose(out, formula(q, k, v), rtol=1e-12, atol=1e-13)
+    ours = jax.grad(lambda *a: jnp.vdot(layers.dot_product_attention(*a, mask), cot), (0, 1, 2))(q, k, v)
+    expected = jax.grad(lambda *a: jnp.vdot(formula(*a), cot), (0, 1, 2))(q, k, v)
+    for got, want in zip(ours, expected):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+    if masked:   # a masked key gets no gradient at all
+        dead = ~np.asarray(mask[:, 0, 0, :])
+        assert dead.any() and np.all(np.asarray(ours[1])[dead] == 0)
+
+
 # ----------------------------------------------------------------------------------------------- shapes and errors
 
 
@@ -151,6 +178,39 @@ def test_unet_options_shapes():
                        attention_levels=(0, 2), use_scale_shift_norm=False, out_channels=2,
                        noise_embedding="fourier", dropout=0.1)
     assert _abstract_apply(model, (2, 8, 12, 1), None).shape == (2, 8, 12, 2)
+
+
+def test_space_to_depth_layout_and_round_trip():
+    from flaxdiff.models.unet import depth_to_space, space_to_depth
+
+    x = jax.random.normal(KEY, (2, 6, 4, 3))
+    packed = space_to_depth(x, 2)
+    assert packed.shape == (2, 3, 2, 12)
+    for i in range(2):
+        for j in range(2):   # channel block (i * p + j) holds pixel (p y + i, p x + j)
+            np.testing.assert_array_equal(packed[..., (i * 2 + j) * 3:(i * 2 + j + 1) * 3], x[:, i::2, j::2, :])
+    np.testing.assert_array_equal(depth_to_space(packed, 2), x)
+
+
+def test_patched_unet_shapes_zero_init_and_cost():
+    plain, patched = models.get("unet-tiny"), models.get("unet-tiny", patch_size=2, out_channels=2)
+    x = jax.random.normal(KEY, (2, 16, 16, 1))
+    params = _init(patched, x, None)
+    assert params["conv_in"]["kernel"].shape == (3, 3, 4, 16)        # 2x2x1 pixels per position in
+    assert params["conv_out"]["kernel"].shape == (3, 3, 16, 8)       # 2x2x2 values per position out
+    out = patched.apply({"params": params}, x, jnp.zeros(2))
+    assert out.shape == (2, 16, 16, 2) and not np.any(np.asarray(out))   # zero-initialised conv_out
+
+    def flops(model):
+        p = jax.eval_shape(lambda: model.init(INIT_KEY, x, jnp.zeros(2)))
+        cost = jax.jit(lambda p, x: model.apply(p, x, jnp.zeros(2))).lower(p, x).compile().cost_analysis()
+        return (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
+
+    assert flops(plain) / flops(patched) > 3.0   # every feature map is 4x smaller
+    with pytest.raises(ValueError, match=r"image size 14x16 is not divisible by 4 \(patch_size 2 and 1 downsampl"):
+        _abstract_apply(patched, (2, 14, 16, 1), None)
+    with pytest.raises(ValueError, match="patch_size=0 must be a positive integer"):
+        _abstract_apply(models.get("unet-tiny", patch_size=0), (2, 16, 16, 1), None)
 
 
 @pytest.mark.parametrize("name, shape, message", [
@@ -336,9 +396,9 @@ def _adam_update(opt, params, grads, opt_state):
     return optax.apply_updates(params, updates), opt_state
 
 
-@pytest.mark.parametrize("name", ["unet-tiny", "dit-tiny"])
-def test_tiny_model_overfits_eight_digits(name, digits):
-    model = models.get(name)
+@pytest.mark.parametrize("name, overrides", [("unet-tiny", {}), ("dit-tiny", {}), ("unet-tiny", {"patch_size": 2})])
+def test_tiny_model_overfits_eight_digits(name, overrides, digits):
+    model = models.get(name, **overrides)
     params = _init(model, digits, None)
     opt = optax.adam(3e-3)
     # one compiled loss-and-gradient serves training and evaluation; a Python loop over it, because

@@ -164,6 +164,11 @@ def test_checkpoint_restores_state_and_data_position(nan_run):
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "train/loss" in r]
     assert [r["step"] for r in train] == [1, 2, 3, 4]
+    elapsed = [r["train/elapsed_s"] for r in train]   # wall time since each fit call began (two calls: 2 + 2)
+    assert all(e > 0 for e in elapsed) and elapsed[1] > elapsed[0] and elapsed[3] > elapsed[2]
+    for first, second in (train[0:2], train[2:4]):      # consecutive logs: elapsed grows by 1 / steps_per_s
+        np.testing.assert_allclose(second["train/elapsed_s"] - first["train/elapsed_s"],
+                                   1.0 / second["train/steps_per_s"], rtol=1e-6)
     (evaluation,) = [r for r in records if "eval/val_loss" in r]
     assert evaluation["step"] == 4 and np.isfinite(evaluation["eval/val_loss"])
     assert any((workdir / "tensorboard").iterdir())

@@ -95,7 +95,7 @@ class AttentionBlock2D(nn.Module):
         h = _group_norm(self.groups, self.dtype, "group_norm")(x).reshape(batch, height * width, 1, channels)
         dense = lambda name: nn.Dense(channels, dtype=self.dtype, name=name)  # noqa: E731
         q, k, v = dense("to_q")(h), dense("to_k")(h), dense("to_v")(h)
-        h = jax.nn.dot_product_attention(q, k, v, implementation=None).reshape(batch, height, width, channels)
+        h = layers.dot_product_attention(q, k, v).reshape(batch, height, width, channels)
         return x + dense("to_out_0")(h)
 
 

@@ -55,7 +55,7 @@ class MetricsLogger:
                  enabled: bool = True, progress: bool = True, tensorboard: bool = True) -> None:
         self.enabled = enabled and workdir is not None
         self.global_batch = global_batch
-        self._last_time = time.perf_counter()
+        self._start_time = self._last_time = time.perf_counter()
         self._last_step = initial_step
         self._bar = None
         self._jsonl = None
@@ -75,7 +75,8 @@ class MetricsLogger:
             self._bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True)
 
     def log(self, step: int, metrics: Mapping[str, Any], prefix: str = "train") -> dict[str, float]:
-        """Record scalars at ``step``; for "train" also add steps/s and images/s since the previous call."""
+        """Record scalars at ``step``; for "train" also add steps/s and images/s since the previous call and
+        ``elapsed_s``, the wall time since this logger was created (the start of ``fit``, compilation included)."""
         if not self.enabled:
             return {}
         scalars = {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
@@ -85,6 +86,7 @@ class MetricsLogger:
             if elapsed > 0 and steps > 0:
                 scalars["steps_per_s"] = steps / elapsed
                 scalars["images_per_s"] = steps * self.global_batch / elapsed
+            scalars["elapsed_s"] = now - self._start_time
             self._last_time, self._last_step = now, step
         record = {"step": step, **{f"{prefix}/{k}": v for k, v in scalars.items()}}
         self._jsonl.write(json.dumps(record) + "\n")
