@@ -50,10 +50,10 @@ def _records(workdir: Path) -> list[dict]:
     return [r for r in map(json.loads, lines) if "train/elapsed_s" in r]
 
 
-def _train(workdir: Path, flags: list[str], steps: int, every: int) -> float:
+def _train(workdir: Path, flags: list[str], steps: int, every: int, checkpoint_every: int) -> float:
     shutil.rmtree(workdir, ignore_errors=True)
     command = [sys.executable, str(REPO / "training.py"), "--workdir", str(workdir), "--steps", str(steps),
-               "--log-every", str(every), "--checkpoint-every", str(every), "--keep-checkpoints", "1000",
+               "--log-every", str(every), "--checkpoint-every", str(checkpoint_every), "--keep-checkpoints", "1000",
                "--preview-per-class", "0", *flags]
     start = time.perf_counter()
     subprocess.run(command, check=True, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -73,7 +73,7 @@ def run_variant(name: str, args: argparse.Namespace, marks: list[float]) -> dict
     flags = VARIANTS[name]
     root = Path(args.workroot)
     probe = root / f"{name}-probe"
-    _train(probe, flags, args.probe_steps, 1)
+    _train(probe, flags, args.probe_steps, 5, args.probe_steps)   # clock every 5 steps, no checkpoint until the end
     records = _records(probe)
     compile_s = records[0]["train/elapsed_s"]
     steady = records[len(records) // 2:]
@@ -82,7 +82,7 @@ def run_variant(name: str, args: argparse.Namespace, marks: list[float]) -> dict
     print(f"{name}: probe {rate:.2f} steps/s, first step (compile) {compile_s:.1f} s -> {steps} steps for "
           f"{marks[-1]:g} min (load {os.getloadavg()[0]:.2f})", flush=True)
     workdir = root / name
-    wall = _train(workdir, flags, steps, args.every)
+    wall = _train(workdir, flags, steps, args.every, args.every)
     records = _records(workdir)
     rows = []
     for mark in marks:
@@ -102,7 +102,7 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--marks", default="2,5,10", help="minutes of training at which to evaluate")
     parser.add_argument("--every", type=int, default=50, help="steps between checkpoints / clock readings")
-    parser.add_argument("--probe-steps", type=int, default=30)
+    parser.add_argument("--probe-steps", type=int, default=40)
     parser.add_argument("--per-class", type=int, default=30)
     parser.add_argument("--sampler", default="dpmpp_2m")
     parser.add_argument("--sampler-steps", type=int, default=20)
