@@ -13,8 +13,10 @@ targets at masked positions cannot change the loss and no gradient flows through
 
 How the mask key reaches the model: ``model.apply(..., train=True, mask_key=k)`` masks with ``k``; with
 ``train=True`` and no ``mask_key`` the model draws the key from the ``'mask'`` rng stream if given, else from
-``'dropout'`` (which :class:`flaxdiff.training.DiffusionTrainer` always passes). ``train=False`` (evaluation,
-sampling) never masks; a finetune phase at ratio 0 uses ``config.replace(mask_ratio=0.0)`` with the same params.
+``'dropout'`` (which :class:`flaxdiff.training.Trainer` passes in training). Train a masked DiT through the trainer
+with the loss ``flaxdiff.objectives.MaskedDiffusionLoss.for_model(model, diffusion_loss)``, so that the logged and
+validated loss is the visible-patch loss (that loss calls the model with ``train=True`` and a mask key in evaluation
+too). ``model.apply(..., train=False)`` (sampling) never masks; a finetune phase at ratio 0 uses ``config.replace(mask_ratio=0.0)`` with the same params.
 
 Position embeddings (:func:`position_embedding`) are recomputed for every grid, so a model trained at 16x16 runs
 at 32x32 with the same params (progressive resolution); ``base_grid > 0`` rescales positions to a fixed range
@@ -36,7 +38,7 @@ from flaxdiff.schedules import NoiseSchedule
 Array = jax.Array
 
 __all__ = ["num_kept", "keep_indices", "keep_mask", "gather_tokens", "scatter_tokens", "pixel_loss_mask",
-           "position_embedding", "masked_diffusion_loss"]
+           "position_embedding", "visible_patch_loss", "masked_diffusion_loss"]
 
 
 def num_kept(num_patches: int, mask_ratio: float) -> int:
@@ -97,6 +99,50 @@ def position_embedding(dim: int, grid_h: int, grid_w: int, base_grid: int = 0) -
     return emb.astype(np.float32)
 
 
+def visible_patch_loss(
+    apply_fn: Callable[[Any, Array, Array, Any, Array], Array],
+    params: Any,
+    x0: Array,
+    cond: Mapping[str, Array] | None,
+    key: Array,
+    schedule: NoiseSchedule,
+    predictor: Predictor,
+    weighting: losses.Weighting,
+    time_sampler: losses.TimeSampler,
+    *,
+    patch_size: int,
+    mask_ratio: float,
+    **loss_options: Any,
+) -> tuple[Array, dict[str, Array]]:
+    """The diffusion loss over the visible patches of a masked denoiser ``apply_fn(params, x, c_noise, cond,
+    mask_key) -> F`` (which must mask with ``keep_indices(mask_key, B, N, mask_ratio)``).
+
+    ``key`` splits into (mask_key, loss_key); with M = pixel_loss_mask(keep_indices(mask_key, ...)) (times any
+    ``loss_mask`` option) the per-example error is sum(M (F - target)^2) / sum(M), the rest as in
+    :func:`flaxdiff.losses.diffusion_loss` with ``loss_key``. mask_ratio 0 is the plain loss (all patches kept).
+    Metrics add "keep_indices" (B, K).
+    """
+    mask_key, loss_key = jax.random.split(key)
+    batch, height, width = x0.shape[:3]
+    num_patches = (height // patch_size) * (width // patch_size)
+    options = dict(loss_options)
+    if mask_ratio > 0:
+        indices = keep_indices(mask_key, batch, num_patches, mask_ratio)
+        mask = pixel_loss_mask(indices, height, width, patch_size)
+        if options.get("loss_mask") is not None:
+            mask = mask * options["loss_mask"]
+        options["loss_mask"] = mask
+    else:
+        indices = jnp.broadcast_to(jnp.arange(num_patches, dtype=jnp.int32), (batch, num_patches))
+
+    def denoiser(p_: Any, x: Array, c_noise: Array, c: Any) -> Array:
+        return apply_fn(p_, x, c_noise, c, mask_key)
+
+    loss, metrics = losses.diffusion_loss(denoiser, params, x0, cond, loss_key, schedule, predictor, weighting,
+                                          time_sampler, **options)
+    return loss, {**metrics, "keep_indices": indices}
+
+
 def masked_diffusion_loss(
     model: Any,
     params: Any,
@@ -109,31 +155,15 @@ def masked_diffusion_loss(
     time_sampler: losses.TimeSampler,
     **loss_options: Any,
 ) -> tuple[Array, dict[str, Array]]:
-    """:func:`flaxdiff.losses.diffusion_loss` of a masked DiT with the loss on visible patches only.
-
-    ``key`` splits into (mask_key, loss_key); the model is applied with ``train=True, mask_key=mask_key`` and the
-    loss gets ``loss_mask = pixel_loss_mask(keep_indices(mask_key, ...))``. With ``model.config.mask_ratio == 0``
-    this is the plain diffusion loss (the finetune phase). Metrics add "keep_indices" (B, K).
+    """:func:`visible_patch_loss` of a masked DiT module: the model is applied with ``train=True,
+    mask_key=mask_key`` and the mask geometry is its ``config.patch_size`` / ``config.mask_ratio``. With
+    ``model.config.mask_ratio == 0`` this is the plain diffusion loss (the finetune phase). The trainer reaches
+    the same loss through :class:`flaxdiff.objectives.MaskedDiffusionLoss`.
     """
     cfg = model.config
-    mask_key, loss_key = jax.random.split(key)
-    batch, height, width = x0.shape[:3]
-    p = cfg.patch_size
-    options = dict(loss_options)
-    apply_fn: Callable[[Any, Array, Array, Any], Array]
-    if cfg.mask_ratio > 0:
-        indices = keep_indices(mask_key, batch, (height // p) * (width // p), cfg.mask_ratio)
-        mask = pixel_loss_mask(indices, height, width, p)
-        if options.get("loss_mask") is not None:
-            mask = mask * options["loss_mask"]
-        options["loss_mask"] = mask
-    else:
-        num_patches = (height // p) * (width // p)
-        indices = jnp.broadcast_to(jnp.arange(num_patches, dtype=jnp.int32), (batch, num_patches))
 
-    def apply_fn(p_: Any, x: Array, c_noise: Array, c: Any) -> Array:
+    def apply_fn(p_: Any, x: Array, c_noise: Array, c: Any, mask_key: Array) -> Array:
         return model.apply({"params": p_}, x, c_noise, c, train=True, mask_key=mask_key)
 
-    loss, metrics = losses.diffusion_loss(apply_fn, params, x0, cond, loss_key, schedule, predictor, weighting,
-                                          time_sampler, **options)
-    return loss, {**metrics, "keep_indices": indices}
+    return visible_patch_loss(apply_fn, params, x0, cond, key, schedule, predictor, weighting, time_sampler,
+                              patch_size=cfg.patch_size, mask_ratio=cfg.mask_ratio, **loss_options)

@@ -1,9 +1,16 @@
-"""DiffusionTrainer: model + schedule + predictor + weighting + time sampler + optax, one sharded jitted step.
+"""Trainer: a Linen model + a loss object + optax, one sharded jitted step, resume, multi-host and logging.
+
+The trainer is given the loss (``flaxdiff.objectives``: diffusion, reflow, masked MicroDiT, autoencoder,
+classifier), ``loss(apply_fn, params, batch, key, *, train) -> (loss, metrics)``; it knows nothing of what the
+model computes. It has no subclasses; ``DiffusionTrainer`` is another name for it, and its legacy positional form
+``DiffusionTrainer(model, model_config, schedule, predictor, weighting, time_sampler, train_config, example)``
+builds the diffusion loss from the four pieces and ``train_config.cond_drop_prob`` / ``null_cond``.
 
 One update n (``grad_accum_steps = A`` micro-batches of the global batch B):
 
     key_n = fold_in(rng, n);  micro-batch i = global rows {j A + i : j < B / A},  key_{n,i} = fold_in(key_n, i)
-    g = (1 / A) sum_i grad L(params; micro-batch i, key_{n,i})          (lax.scan over i, no optax.MultiSteps)
+    (dropout_key, loss_key) = split(key_{n,i});  L_i = loss(apply_fn[dropout_key], params, micro-batch i, loss_key)
+    g = (1 / A) sum_i grad L_i                                          (lax.scan over i, no optax.MultiSteps)
     ok = isfinite(L) and isfinite(||g||)
     params, opt_state <- optimizer(clip(g)) if ok else unchanged;  ema <- EMA(params) if ok else unchanged
     bad_steps += not ok;  consecutive_bad = 0 if ok else consecutive_bad + 1;  n <- n + 1
@@ -14,6 +21,7 @@ SIGTERM / SIGINT finish the current step, save and return.
 """
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import threading
@@ -28,7 +36,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from flaxdiff import losses
+from flaxdiff import losses, objectives
 from flaxdiff.predictors import Predictor
 from flaxdiff.schedules import NoiseSchedule
 from flaxdiff.training import parallel
@@ -44,77 +52,86 @@ Batch = Mapping[str, Any]
 # sample_fn(ema_params, key) -> images (N, H, W, C) in [-1, 1]
 SampleFn = Callable[[Any, Array], Array]
 
-__all__ = ["DiffusionTrainer", "TrainingDiverged", "make_sample_fn"]
+__all__ = ["Trainer", "DiffusionTrainer", "TrainingDiverged", "make_sample_fn"]
 
 
 class TrainingDiverged(RuntimeError):
     """Raised after ``max_consecutive_bad_steps`` consecutive non-finite steps."""
 
 
-class DiffusionTrainer:
-    """Trains a Linen denoiser network with the diffusion loss on a ("data", "fsdp") mesh.
+class Trainer:
+    """Trains a Linen model with a given loss object on a ("data", "fsdp") mesh.
 
-    model: a Linen module called as ``model.apply({"params": p}, x, c_noise, cond, train=..., rngs={"dropout": k})``.
+    model: the Linen module; the loss calls it through ``apply_fn`` (see :mod:`flaxdiff.objectives`).
     model_config: its JSON config (saved with checkpoints; ``flaxdiff.models.from_config`` must rebuild the module);
         None takes ``model.config.to_config()`` when the module has one.
+    schedule, predictor, weighting, time_sampler: the legacy diffusion form, used only without ``loss``: the loss
+        is then ``objectives.DiffusionLoss`` of these with ``train_config.cond_drop_prob`` / ``null_cond``.
+    train_config: optimizer, LR schedule, EMA, accumulation, intervals, seed (required).
     example_batch: one batch (or arrays/ShapeDtypeStructs of the right trailing shapes) used to initialise params.
-    image_key: the batch entry holding x0; every other entry (except "loss_mask") is conditioning.
+    loss: the objective, ``loss(apply_fn, params, batch, key, *, train) -> (loss, metrics)`` plus ``init_inputs``
+        (how to initialise the model), ``check_model`` and ``to_config``.
+    image_key: the batch entry holding the images (legacy diffusion form; sample grids take their shape from it).
     mesh: defaults to ``make_mesh(fsdp=train_config.fsdp)`` over all devices of all processes.
     workdir: metrics, TensorBoard, sample grids and ``<workdir>/checkpoints``; None keeps everything in memory.
     sample_fn: optional ``sample_fn(ema_params, key) -> images`` for PNG grids every ``sample_every`` steps.
-    data_config: extra JSON saved under config["data"] (e.g. dataset name, image size).
+    data_config: extra JSON saved under config["data"] (e.g. dataset name, image size); not used with run_config.
+    run_config: when given, exactly the config checkpoints store (e.g. ``RunConfig.to_dict()``) and the one a
+        resume is checked against; otherwise the trainer builds it from the model config, the loss (its diffusion
+        pieces at the top level, the rest under ``"loss"``: ``objectives.split_config``), ``train_config`` and the
+        data shapes.
     """
 
     def __init__(
         self,
         model: nn.Module,
-        model_config: Mapping[str, Any] | None,
-        schedule: NoiseSchedule,
-        predictor: Predictor,
-        weighting: losses.Weighting,
-        time_sampler: losses.TimeSampler,
-        train_config: TrainConfig,
-        example_batch: Batch,
+        model_config: Mapping[str, Any] | None = None,
+        schedule: NoiseSchedule | None = None,
+        predictor: Predictor | None = None,
+        weighting: losses.Weighting | None = None,
+        time_sampler: losses.TimeSampler | None = None,
+        train_config: TrainConfig | None = None,
+        example_batch: Batch | None = None,
         *,
+        loss: objectives.Objective | None = None,
         image_key: str = "image",
         mesh: jax.sharding.Mesh | None = None,
         workdir: str | Path | None = None,
         sample_fn: SampleFn | None = None,
         data_config: Mapping[str, Any] | None = None,
+        run_config: Mapping[str, Any] | None = None,
     ) -> None:
+        if train_config is None or example_batch is None:
+            raise ValueError("Trainer needs train_config=TrainConfig(...) and example_batch={...}")
+        pieces = (schedule, predictor, weighting, time_sampler)
+        if loss is None:
+            if any(piece is None for piece in pieces):
+                raise ValueError("Trainer needs loss=... (a flaxdiff.objectives member) or all four of schedule, "
+                                 "predictor, weighting, time_sampler")
+            loss = objectives.DiffusionLoss(schedule, predictor, weighting, time_sampler,
+                                            cond_drop_prob=train_config.cond_drop_prob,
+                                            null_cond=train_config.null_cond, image_key=image_key)
+        elif any(piece is not None for piece in pieces):
+            raise ValueError("give either loss=... or schedule/predictor/weighting/time_sampler, not both")
+        loss.check_model(model)
         if model_config is None and hasattr(getattr(model, "config", None), "to_config"):
             model_config = model.config.to_config()
         self.model = model
-        self.schedule = schedule
-        self.predictor = predictor
-        self.weighting = weighting
-        self.time_sampler = time_sampler
+        self.loss = loss
         self.config = train_config
-        self.image_key = image_key
+        self.image_key = getattr(loss, "image_key", image_key)
         self.mesh = mesh if mesh is not None else parallel.make_mesh(fsdp=train_config.fsdp)
         self.workdir = Path(workdir) if workdir is not None else None
         self.sample_fn = sample_fn
         self.is_main = jax.process_index() == 0
-        if image_key not in example_batch:
-            raise ValueError(f"example_batch has no {image_key!r} entry; keys: {sorted(example_batch)}")
+        if self.image_key not in example_batch:
+            raise ValueError(f"example_batch has no {self.image_key!r} entry; keys: {sorted(example_batch)}")
         self._example = {k: jax.ShapeDtypeStruct((1,) + tuple(np.shape(v))[1:], jnp.result_type(v))
                          for k, v in example_batch.items()}
-        self.full_config = {
-            "model": dict(model_config) if model_config is not None else None,
-            "schedule": schedule.to_config(),
-            "predictor": predictor.to_config(),
-            "weighting": weighting.to_config(),
-            "time_sampler": time_sampler.to_config(),
-            "train": train_config.to_config(),
-            # total_steps may change on resume, but not when the LR decay is defined by it
-            "lr_decay_steps": 0 if train_config.lr_decay == "constant" else
-            (train_config.decay_steps or train_config.total_steps),
-            "data": {
-                "image_key": image_key,
-                "shapes": {k: {"shape": list(v.shape[1:]), "dtype": str(v.dtype)} for k, v in self._example.items()},
-                **dict(data_config or {}),
-            },
-        }
+        if run_config is not None:
+            self.full_config = json.loads(json.dumps(dict(run_config)))
+        else:
+            self.full_config = self._build_config(model_config, data_config)
         self.tx = make_optimizer(train_config)
         self.lr_schedule = make_lr_schedule(train_config)
         self.compute_dtype = jnp.bfloat16 if train_config.compute_dtype == "bfloat16" else jnp.float32
@@ -135,36 +152,69 @@ class DiffusionTrainer:
         self.history: list[dict[str, float]] = []
         self._stop_requested = False
 
+    def _build_config(self, model_config: Mapping[str, Any] | None,
+                      data_config: Mapping[str, Any] | None) -> dict[str, Any]:
+        train_config = self.config
+        # the diffusion pieces go to the top level (where checkpoint readers find them), the rest under "loss"
+        pieces, loss_config = objectives.split_config(self.loss.to_config())
+        return json.loads(json.dumps({
+            "model": dict(model_config) if model_config is not None else None,
+            **pieces,
+            "loss": loss_config,
+            "train": train_config.to_config(),
+            # total_steps may change on resume, but not when the LR decay is defined by it
+            "lr_decay_steps": 0 if train_config.lr_decay == "constant" else
+            (train_config.decay_steps or train_config.total_steps),
+            "data": {
+                "image_key": self.image_key,
+                "shapes": {k: {"shape": list(v.shape[1:]), "dtype": str(v.dtype)} for k, v in self._example.items()},
+                **dict(data_config or {}),
+            },
+        }))
+
+    # the diffusion pieces of a diffusion loss (None for other losses), for samplers and previews
+    schedule = property(lambda self: getattr(self.loss, "schedule", None))
+    predictor = property(lambda self: getattr(self.loss, "predictor", None))
+    weighting = property(lambda self: getattr(self.loss, "weighting", None))
+    time_sampler = property(lambda self: getattr(self.loss, "time_sampler", None))
+
     # ----------------------------------------------------------------------------------------------------------------
     # Pure functions (jitted in __init__)
 
-    def _split_batch(self, batch: Batch) -> tuple[Array, dict[str, Array] | None, Array | None]:
-        x0 = batch[self.image_key]
-        cond = {k: v for k, v in batch.items() if k not in (self.image_key, "loss_mask")}
-        return x0, (cond or None), batch.get("loss_mask")
-
-    def apply_fn(self, train: bool, dropout_key: Array | None = None) -> losses.ApplyFn:
-        """apply(params, x, c_noise, cond) -> F in float32, computing in ``compute_dtype`` (params cast per call)."""
+    def model_apply(self, dropout_key: Array | None = None) -> objectives.ModelApply:
+        """apply(params, *inputs, rngs=None, **kwargs) = model.apply({"params": params}, *inputs, **kwargs) with
+        params and the first input in ``compute_dtype``, floating outputs as float32, and the rng streams
+        {"dropout": dropout_key} (when given) merged with ``rngs``."""
         dtype = self.compute_dtype
 
-        def apply(params: Any, x: Array, c_noise: Array, cond: Any) -> Array:
+        def apply(params: Any, *inputs: Any, rngs: Mapping[str, Array] | None = None, **kwargs: Any) -> Any:
             if dtype != jnp.float32:
                 params = jax.tree.map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p,
                                       params)
-                x = x.astype(dtype)
-            rngs = {"dropout": dropout_key} if dropout_key is not None else {}
-            out = self.model.apply({"params": params}, x, c_noise, cond, train=train, rngs=rngs)
-            return out.astype(jnp.float32)
+                if inputs:
+                    inputs = (inputs[0].astype(dtype),) + tuple(inputs[1:])
+            streams = {"dropout": dropout_key} if dropout_key is not None else {}
+            streams.update(rngs or {})
+            out = self.model.apply({"params": params}, *inputs, rngs=streams, **kwargs)
+            return jax.tree.map(lambda o: o.astype(jnp.float32) if jnp.issubdtype(o.dtype, jnp.floating) else o, out)
 
         return apply
+
+    def apply_fn(self, train: bool, dropout_key: Array | None = None) -> losses.ApplyFn:
+        """The denoiser call apply(params, x, c_noise, cond) -> F (float32) of a diffusion model, ``train`` fixed."""
+        apply = self.model_apply(dropout_key)
+
+        def denoiser(params: Any, x: Array, c_noise: Array, cond: Any) -> Array:
+            return apply(params, x, c_noise, cond, train=train)
+
+        return denoiser
 
     def _init_state(self) -> TrainState:
         base = jax.random.PRNGKey(self.config.seed)
         init_key, rng = jax.random.split(base)
-        x0, cond, _ = self._split_batch({k: jnp.zeros(v.shape, v.dtype) for k, v in self._example.items()})
+        args, kwargs = self.loss.init_inputs({k: jnp.zeros(v.shape, v.dtype) for k, v in self._example.items()})
         params_key, dropout_key = jax.random.split(init_key)
-        variables = self.model.init({"params": params_key, "dropout": dropout_key}, x0,
-                                    jnp.zeros((x0.shape[0],), jnp.float32), cond, train=False)
+        variables = self.model.init({"params": params_key, "dropout": dropout_key}, *args, **kwargs)
         params = variables["params"]
         zero = jnp.zeros((), jnp.int32)
         return TrainState(step=zero, params=params, opt_state=self.tx.init(params),
@@ -179,21 +229,24 @@ class DiffusionTrainer:
 
     def _micro_loss(self, params: Any, batch: Batch, key: Array, train: bool) -> tuple[Array, dict[str, Array]]:
         dropout_key, loss_key = jax.random.split(key)
-        x0, cond, loss_mask = self._split_batch(batch)
-        return losses.diffusion_loss(
-            self.apply_fn(train, dropout_key if train else None), params, x0, cond, loss_key, self.schedule,
-            self.predictor, self.weighting, self.time_sampler,
-            cond_drop_prob=self.config.cond_drop_prob if train else 0.0, null_cond=self.config.null_cond,
-            loss_mask=loss_mask,
-        )
+        return self.loss(self.model_apply(dropout_key if train else None), params, batch, loss_key, train=train)
 
     def loss_and_grads(self, params: Any, batch: Batch, key: Array) -> tuple[Array, Any]:
         """Mean loss and gradient over ``grad_accum_steps`` micro-batches (rows j A + i form micro-batch i)."""
+        loss, _, grads = self._loss_metrics_grads(params, batch, key)
+        return loss, grads
+
+    def _loss_metrics_grads(self, params: Any, batch: Batch, key: Array) -> tuple[Array, dict[str, Array], Any]:
+        """(mean loss, mean of the loss's other scalar metrics, mean gradient) over the micro-batches."""
         accum = self.config.grad_accum_steps
 
-        def one(micro: Batch, index: Array) -> tuple[Array, Any]:
-            grad_fn = jax.value_and_grad(lambda p: self._micro_loss(p, micro, jax.random.fold_in(key, index), True)[0])
-            return grad_fn(params)
+        def one(micro: Batch, index: Array) -> tuple[Array, dict[str, Array], Any]:
+            def scalar_loss(p: Any) -> tuple[Array, dict[str, Array]]:
+                loss, metrics = self._micro_loss(p, micro, jax.random.fold_in(key, index), True)
+                return loss, {k: v.astype(jnp.float32) for k, v in metrics.items() if k != "loss" and v.ndim == 0}
+
+            (loss, metrics), grads = jax.value_and_grad(scalar_loss, has_aux=True)(params)
+            return loss, metrics, grads
 
         if accum == 1:
             return one(batch, jnp.int32(0))
@@ -205,19 +258,24 @@ class DiffusionTrainer:
 
         micro_batches = jax.tree.map(to_micro, dict(batch))
 
-        def body(carry: tuple[Array, Any], inputs: tuple[Batch, Array]) -> tuple[tuple[Array, Any], None]:
-            loss_sum, grad_sum = carry
-            loss, grads = one(*inputs)
-            return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+        def body(carry: tuple[Array, Any, Any], inputs: tuple[Batch, Array]) -> tuple[tuple[Array, Any, Any], None]:
+            loss_sum, metric_sum, grad_sum = carry
+            loss, metrics, grads = one(*inputs)
+            return (loss_sum + loss, jax.tree.map(jnp.add, metric_sum, metrics),
+                    jax.tree.map(jnp.add, grad_sum, grads)), None
 
         zeros = jax.tree.map(jnp.zeros_like, params)
-        (loss_sum, grad_sum), _ = jax.lax.scan(body, (jnp.float32(0.0), zeros),
-                                               (micro_batches, jnp.arange(accum, dtype=jnp.int32)))
-        return loss_sum / accum, jax.tree.map(lambda g: g / accum, grad_sum)
+        first_micro = jax.tree.map(lambda v: v[0], micro_batches)
+        metric_zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                    jax.eval_shape(lambda: one(first_micro, jnp.int32(0))[1]))
+        (loss_sum, metric_sum, grad_sum), _ = jax.lax.scan(
+            body, (jnp.float32(0.0), metric_zeros, zeros), (micro_batches, jnp.arange(accum, dtype=jnp.int32)))
+        return (loss_sum / accum, jax.tree.map(lambda m: m / accum, metric_sum),
+                jax.tree.map(lambda g: g / accum, grad_sum))
 
     def _train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Array]]:
         key = jax.random.fold_in(state.rng, state.step)
-        loss, grads = self.loss_and_grads(state.params, batch, key)
+        loss, loss_metrics, grads = self._loss_metrics_grads(state.params, batch, key)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
@@ -235,7 +293,7 @@ class DiffusionTrainer:
             consecutive_bad=jnp.where(finite, 0, state.consecutive_bad + 1),
         )
         metrics = {
-            "loss": loss, "grad_norm": grad_norm, "finite": finite.astype(jnp.float32),
+            **loss_metrics, "loss": loss, "grad_norm": grad_norm, "finite": finite.astype(jnp.float32),
             "lr": self.lr_schedule(state.step - state.bad_steps), "ema_decay": decay,
             "bad_steps": new_state.bad_steps, "consecutive_bad": new_state.consecutive_bad,
         }
@@ -369,7 +427,7 @@ class DiffusionTrainer:
                     logger.info("data exhausted at step %d", step)
                     break
                 if step == 0 or metrics_logger.global_batch == 1:
-                    metrics_logger.global_batch = np.shape(local[self.image_key])[0] * jax.process_count()
+                    metrics_logger.global_batch = np.shape(jax.tree.leaves(local)[0])[0] * jax.process_count()
                 metrics = self.train_step(local)
                 step += 1
                 if step % cfg.log_every == 0 or step == total:
@@ -419,14 +477,23 @@ class DiffusionTrainer:
             self.checkpoints.close()
 
 
-def make_sample_fn(trainer: DiffusionTrainer, num_images: int = 16, sampler: str | None = None, steps: int = 20,
+# Another name of the one trainer (not a subclass): the trainer of diffusion models in the legacy positional form.
+DiffusionTrainer = Trainer
+
+
+def make_sample_fn(trainer: Trainer, num_images: int = 16, sampler: str | None = None, steps: int = 20,
                    guidance_scale: float | None = None, cond: Mapping[str, Any] | None = None) -> SampleFn:
     """A jitted sample_fn(ema_params, key) -> images in [-1, 1] through ``flaxdiff.samplers.sample_model``
-    (imported on first use; sampler None means its default). Guidance uses ``train_config.null_cond``."""
+    (imported on first use; sampler None means its default) for a trainer with a diffusion loss. Guidance uses
+    the loss's ``null_cond`` (the legacy form takes it from ``train_config.null_cond``)."""
+    if trainer.schedule is None or trainer.predictor is None:
+        raise ValueError(f"make_sample_fn needs a diffusion loss; the trainer's loss is {trainer.loss.name!r}")
     shape = (num_images,) + tuple(trainer._example[trainer.image_key].shape[1:])
     options: dict[str, Any] = {} if sampler is None else {"sampler": sampler}
     if guidance_scale is not None:
-        options.update(guidance_scale=guidance_scale, null_cond=trainer.config.null_cond)
+        null_cond = getattr(trainer.loss, "null_cond", None)
+        options.update(guidance_scale=guidance_scale,
+                       null_cond=null_cond if null_cond is not None else trainer.config.null_cond)
 
     def sample_fn(params: Any, key: Array) -> Array:
         from flaxdiff import samplers
