@@ -100,11 +100,17 @@ class TextConditioner:
 
     @classmethod
     def create(cls, spec: str, seed: int = 0) -> "TextConditioner":
-        """``spec`` is a text-encoder preset (e.g. "text_encoder-tiny", randomly initialised from ``seed``) or a
-        flaxdiff export directory holding a text encoder."""
+        """``spec`` is a text-encoder preset (e.g. "text_encoder-tiny", randomly initialised from ``seed``), a
+        flaxdiff export directory holding a text encoder, or a pretrained encoder directory (transformers CLIP / T5,
+        a diffusers pipeline's ``text_encoder*/``, OpenCLIP, or one written by ``save``), loaded frozen by
+        :func:`flaxdiff.interop.load_text_encoder` (``seed`` is unused then)."""
         from flaxdiff import interop, models
 
         if Path(spec).is_dir():
+            from flaxdiff.interop.text_encoders import is_text_encoder_dir, load_text_encoder
+
+            if is_text_encoder_dir(spec):
+                return load_text_encoder(spec)
             module, params, config = interop.load_model(spec)
             if config.registry_name != "text_encoder":
                 raise ValueError(f"{spec} holds a {config.registry_name!r} model; expected a text_encoder")

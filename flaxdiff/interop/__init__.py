@@ -4,14 +4,19 @@ safetensors export/import of any flaxdiff model with its JSON config.
 - :func:`load_autoencoder` (a diffusers VAE dir, a flaxdiff export dir or a training checkpoint dir)
   -> ``(module, params, config)``;
 - :mod:`~flaxdiff.interop.diffusers_vae`: the explicit torch <-> flax key and layout map, loading and saving;
+- :func:`load_text_encoder` (a transformers CLIP / T5, diffusers ``text_encoder*/`` or OpenCLIP dir) -> a frozen
+  encoder with ``encode(prompts) -> {"text", "text_mask", "pooled"}``; see :mod:`~flaxdiff.interop.text_encoders`;
 - :mod:`~flaxdiff.interop.safetensors_io`: :func:`export_params`, :func:`import_params`, :func:`load_model`,
   :func:`export_checkpoint`.
 """
 from flaxdiff.interop import diffusers_vae, safetensors_io
 from flaxdiff.interop.diffusers_vae import load_autoencoder, load_diffusers_autoencoder, save_diffusers_autoencoder
 from flaxdiff.interop.safetensors_io import export_checkpoint, export_params, import_params, load_model
+from flaxdiff.interop import text_encoders
+from flaxdiff.interop.text_encoders import load_text_encoder
 
 __all__ = [
     "diffusers_vae", "export_checkpoint", "export_params", "import_params", "load_autoencoder",
-    "load_diffusers_autoencoder", "load_model", "safetensors_io", "save_diffusers_autoencoder",
+    "load_diffusers_autoencoder", "load_model", "load_text_encoder", "safetensors_io", "save_diffusers_autoencoder",
+    "text_encoders",
 ]

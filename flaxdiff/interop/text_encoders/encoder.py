@@ -1,0 +1,299 @@
+"""One entry point for pretrained text encoders: :func:`load_text_encoder` -> :class:`PretrainedTextEncoder`.
+
+    encoder = load_text_encoder("sd15/text_encoder")            # or a diffusers root, an HF / OpenCLIP dir
+    cond = encoder.encode(["a photo of a cat"])                  # {"text": (B, L, D), "text_mask": (B, L),
+                                                                 #  "pooled": (B, P)}
+
+What goes into ``cond`` (``EncodeOptions``, saved with the encoder in ``flaxdiff_text_encoder.json``):
+
+    text       layer="last": the final hidden state after the final norm (CLIP ``last_hidden_state``);
+               layer="penultimate": h_{N-1} without the final norm (SDXL); layer=i: h_i of (h_0, ..., h_N)
+               (negative i counts from the end), with the final norm when final_norm=True (diffusers' clip_skip)
+    text_mask  use_mask=True: the tokenizer's attention mask (1 up to the first EOS), also given to the encoder;
+               use_mask=False: all True and the encoder sees every token (SD 1.x/2.x/XL, SD3 and Flux convention)
+    pooled     CLIP: text_embeds (projected EOS state) with a projection, else the EOS state;
+               OpenCLIP: the projected pooled state; T5: mean of the last hidden state over the text_mask tokens
+
+Defaults: use_mask False for CLIP / OpenCLIP (causal: padding never changes the prompt's states), True for T5.
+Encoding a batch shards its rows over a ("data", "fsdp") mesh of the local devices when there are several
+(params replicated); rows are padded to a multiple of the device count and the padding dropped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import logging
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flaxdiff.data.captions import TextConditioner
+from flaxdiff.interop.text_encoders import clip, tokenizers
+from flaxdiff.interop.text_encoders.layers import layer_norm, resolve_dtype
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["EncodeOptions", "OPTIONS_FILE", "PretrainedTextEncoder", "detect_kind", "is_text_encoder_dir",
+           "load_text_encoder"]
+
+OPTIONS_FILE = "flaxdiff_text_encoder.json"
+KINDS = ("clip", "t5", "openclip")
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "spiece.model")
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodeOptions:
+    """What ``encode`` returns (module docstring); None fields take the encoder kind's default."""
+
+    layer: str | int = "last"             # "last" | "penultimate" | index into (h_0, ..., h_N)
+    final_norm: bool = False              # apply the final norm to an integer layer (clip_skip)
+    max_length: int | None = None         # token length L (default: CLIP context / T5 tokenizer max / 512)
+    use_mask: bool | None = None          # mask padding (module docstring); default False CLIP, True T5
+
+    def resolved(self, kind: str, default_length: int) -> "EncodeOptions":
+        layer = self.layer
+        if isinstance(layer, str) and layer not in ("last", "penultimate"):
+            try:
+                layer = int(layer)
+            except ValueError:
+                raise ValueError(f"layer={layer!r}; accepted: last, penultimate or an integer index") from None
+        return EncodeOptions(layer, bool(self.final_norm),
+                             int(self.max_length) if self.max_length is not None else int(default_length),
+                             bool(self.use_mask) if self.use_mask is not None else kind == "t5")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Directory layout
+
+
+def _json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def detect_kind(directory: str | Path) -> str:
+    """"clip", "t5" or "openclip" for a model directory (ValueError naming what was found otherwise)."""
+    directory = Path(directory)
+    saved = _json(directory / OPTIONS_FILE).get("kind")
+    if saved:
+        return str(saved)
+    if (directory / "open_clip_config.json").is_file():
+        return "openclip"
+    values = _json(directory / "config.json")
+    if "text_cfg" in values or "model_cfg" in values:
+        return "openclip"
+    model_type = values.get("model_type")
+    if model_type in ("clip", "clip_text_model"):
+        return "clip"
+    if model_type in ("t5", "mt5"):
+        return "t5"
+    raise ValueError(f"{directory} is not a text encoder directory: config.json model_type={model_type!r} "
+                     f"(accepted: clip_text_model, clip, t5, mt5) and no open_clip_config.json")
+
+
+def is_text_encoder_dir(path: str | Path) -> bool:
+    """True for a directory :func:`load_text_encoder` reads (a diffusers root counts when it has text_encoder/)."""
+    path = Path(path)
+    if (path / "model_index.json").is_file():
+        path = path / "text_encoder"
+    try:
+        detect_kind(path)
+    except ValueError:
+        return False
+    return True
+
+
+def _tokenizer_dir(directory: Path) -> Path:
+    """The directory itself when it holds tokenizer files, else the diffusers sibling: text_encoder_2 ->
+    tokenizer_2 (text_encoder -> tokenizer)."""
+    if any((directory / name).is_file() for name in _TOKENIZER_FILES):
+        return directory
+    if directory.name.startswith("text_encoder"):
+        sibling = directory.parent / ("tokenizer" + directory.name[len("text_encoder"):])
+        if any((sibling / name).is_file() for name in _TOKENIZER_FILES):
+            return sibling
+    raise ValueError(f"no tokenizer for {directory}: expected one of {', '.join(_TOKENIZER_FILES)} there or in the "
+                     f"diffusers sibling tokenizer*/ directory")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Backends: load (module, params, config), save, output selection
+
+
+#: kind -> module implementing ``load(directory, dtype) -> (module, params, config)``,
+#: ``save(params, config, out_dir)``, ``default_length(config, tokenizer_dir)`` and ``pad_id(config)``.
+_BACKENDS = {"clip": "flaxdiff.interop.text_encoders.clip"}
+
+
+def _backend(kind: str) -> Any:
+    if kind not in _BACKENDS:
+        raise ValueError(f"text encoder kind {kind!r}; accepted: {', '.join(sorted(_BACKENDS))}")
+    return importlib.import_module(_BACKENDS[kind])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The encoder
+
+
+class PretrainedTextEncoder(TextConditioner):
+    """A frozen pretrained text encoder with its tokenizer: ``encode(texts) -> cond`` (module docstring).
+
+    Also a :class:`flaxdiff.data.captions.TextConditioner`: ``from_ids`` (token ids -> cond, jitted),
+    ``tokenizer()`` (picklable per-example tokenizer for the data loader), ``save(out_dir)``, ``max_len``,
+    ``width`` (D of ``text``) and ``pooled_width`` (P of ``pooled``).
+    """
+
+    def __init__(self, kind: str, module: Any, params: Any, config: Any, text_tokenizer: Any,
+                 options: EncodeOptions, path: str | None = None, mesh: Any = None) -> None:
+        self.kind = kind
+        self.module = module
+        self.config = config
+        self.text_tokenizer = text_tokenizer
+        self.options = options
+        self.path = path
+        self.max_len = int(text_tokenizer.max_length)
+        self.dtype = module.dtype
+        if mesh is None and jax.local_device_count() > 1:
+            from flaxdiff.training.parallel import make_mesh
+
+            mesh = make_mesh(devices=jax.local_devices())
+        self.mesh = mesh
+        params = jax.tree.map(jnp.asarray, params)
+        if mesh is not None:
+            from flaxdiff.training.parallel import replicated
+
+            params = jax.device_put(params, replicated(mesh))
+        self.params = params
+        shapes = jax.eval_shape(self._forward, self.params, jax.ShapeDtypeStruct((1, self.max_len), jnp.int32))
+        self.width = int(shapes["text"].shape[-1])
+        self.pooled_width = int(shapes["pooled"].shape[-1])
+        self._jitted = jax.jit(self._forward)
+
+    def _forward(self, params: Any, ids: jax.Array) -> dict[str, jax.Array]:
+        options = self.options
+        eos_id = self.text_tokenizer.eos_id
+        mask = tokenizers.first_eos_mask(ids, eos_id)
+        outputs = self.module.apply({"params": params}, ids, mask if options.use_mask else None)
+        if options.layer == "last":
+            text = outputs["last_hidden_state"]
+        else:
+            index = -2 if options.layer == "penultimate" else int(options.layer)
+            states = outputs["hidden_states"]
+            if not -len(states) <= index < len(states):
+                raise ValueError(f"layer={options.layer!r} is outside the {len(states)} hidden states "
+                                 f"(h_0..h_{len(states) - 1})")
+            text = states[index]
+            if options.final_norm:
+                text = self._final_norm(params, text)
+        if self.kind == "t5":
+            weights = mask.astype(jnp.float32)[..., None]
+            last = outputs["last_hidden_state"].astype(jnp.float32)
+            pooled = jnp.sum(last * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
+        else:
+            pooled = outputs.get("text_embeds", outputs["pooler_output"])
+        text_mask = mask if options.use_mask else jnp.ones(ids.shape, bool)
+        return {"text": text.astype(jnp.float32), "text_mask": text_mask, "pooled": pooled.astype(jnp.float32)}
+
+    def _final_norm(self, params: Any, hidden: jax.Array) -> jax.Array:
+        dtype = resolve_dtype(self.dtype)
+        if self.kind == "clip":
+            norm = layer_norm(self.config.layer_norm_eps, dtype, "final_layer_norm")
+            return norm.apply({"params": params["final_layer_norm"]}, hidden)
+        if self.kind == "openclip":
+            norm = layer_norm(self.config.layer_norm_eps, dtype, "ln_final")
+            return norm.apply({"params": params["ln_final"]}, hidden)
+        raise ValueError(f"final_norm=True is supported for clip and openclip encoders, not {self.kind!r}")
+
+    def from_ids(self, ids: Any) -> dict[str, jax.Array]:  # type: ignore[override]
+        """cond of token ids (B, L) (rows sharded over the mesh when there is one)."""
+        ids = jnp.asarray(ids, jnp.int32)
+        if ids.ndim != 2 or ids.shape[1] != self.max_len:
+            raise ValueError(f"token ids have shape {tuple(ids.shape)}; expected (B, {self.max_len})")
+        rows = ids.shape[0]
+        if self.mesh is None or self.mesh.size == 1:
+            return self._jitted(self.params, ids)
+        from flaxdiff.training.parallel import batch_sharding
+
+        pad = -rows % self.mesh.size
+        if pad:
+            ids = jnp.concatenate([ids, jnp.repeat(ids[-1:], pad, axis=0)], axis=0)
+        out = self._jitted(self.params, jax.device_put(ids, batch_sharding(self.mesh)))
+        return {key: value[:rows] for key, value in out.items()} if pad else out
+
+    def tokenize(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids (N, L) int32, attention mask (N, L) bool)`` as the reference tokenizer gives them."""
+        return self.text_tokenizer(list(texts))
+
+    def encode(self, texts: Sequence[str]) -> dict[str, jax.Array]:
+        """cond for a list of prompts: ``{"text": (B, L, D), "text_mask": (B, L), "pooled": (B, P)}``."""
+        if isinstance(texts, str):
+            raise ValueError("encode expects a list of prompts, got a single str; wrap it in a list")
+        ids, _ = self.text_tokenizer(list(texts))
+        return self.from_ids(ids)
+
+    def tokenizer(self) -> Callable[[str], np.ndarray]:
+        """Per-example tokenizer for :func:`flaxdiff.data.make_loader` (picklable)."""
+        return self.text_tokenizer.encode_one
+
+    def save(self, out_dir: str | Path) -> str:
+        """Write a self-contained copy (weights in the reference layout, tokenizer files and the encode options in
+        ``flaxdiff_text_encoder.json``); :func:`load_text_encoder` reads it back. Returns the absolute path."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _backend(self.kind).save(jax.device_get(self.params), self.config, out_dir)
+        for name, content in self.text_tokenizer.files().items():
+            target = out_dir / name
+            if isinstance(content, bytes):
+                target.write_bytes(content)
+            else:
+                target.write_text(content, encoding="utf-8")
+        options = {"kind": self.kind, **dataclasses.asdict(self.options), "dtype": self.dtype}
+        (out_dir / OPTIONS_FILE).write_text(json.dumps(options, indent=2))
+        self.path = str(out_dir.absolute())
+        logger.info("saved %s text encoder to %s", self.kind, self.path)
+        return self.path
+
+
+def load_text_encoder(path: str | Path, dtype: str | None = None, *, subfolder: str | None = None,
+                      layer: str | int | None = None, final_norm: bool | None = None, max_length: int | None = None,
+                      use_mask: bool | None = None, mesh: Any = None) -> PretrainedTextEncoder:
+    """A frozen pretrained text encoder from the files users have (nothing is downloaded):
+
+    - a transformers model dir (``config.json`` + ``model.safetensors`` / ``pytorch_model.bin``) of
+      ``CLIPTextModel``, ``CLIPTextModelWithProjection``, ``CLIPModel`` (text tower), ``T5EncoderModel``;
+    - a diffusers pipeline root (``subfolder`` picks ``text_encoder`` (default), ``text_encoder_2``,
+      ``text_encoder_3``) or one of those subdirs; the tokenizer comes from the sibling ``tokenizer*/``;
+    - an OpenCLIP dir (``open_clip_config.json`` + ``open_clip_model.safetensors`` / ``open_clip_pytorch_model.bin``);
+    - a directory written by :meth:`PretrainedTextEncoder.save` (its saved options are the defaults).
+
+    dtype: "float32" (default) or "bfloat16" (params and compute). Other arguments: :class:`EncodeOptions`.
+    """
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise ValueError(f"text encoder path {path} is not a directory")
+    if (path / "model_index.json").is_file():
+        path = path / (subfolder or "text_encoder")
+    elif subfolder:
+        path = path / subfolder
+    if not path.is_dir():
+        raise ValueError(f"{path} does not exist (diffusers text encoders: text_encoder, text_encoder_2, "
+                         f"text_encoder_3)")
+    kind = detect_kind(path)
+    saved = _json(path / OPTIONS_FILE)
+    dtype = dtype or saved.get("dtype") or "float32"
+    resolve_dtype(dtype)
+    backend = _backend(kind)
+    module, params, config = backend.load(path, dtype)
+    token_dir = _tokenizer_dir(path)
+    base = EncodeOptions(**{key: saved[key] for key in ("layer", "final_norm", "max_length", "use_mask")
+                            if key in saved})
+    overrides = {key: value for key, value in (("layer", layer), ("final_norm", final_norm),
+                                               ("max_length", max_length), ("use_mask", use_mask))
+                 if value is not None}
+    options = dataclasses.replace(base, **overrides).resolved(kind, backend.default_length(config, token_dir))
+    text_tokenizer = tokenizers.load_tokenizer(token_dir, kind, options.max_length, pad_id=backend.pad_id(config))
+    return PretrainedTextEncoder(kind, module, params, config, text_tokenizer, options, str(path.absolute()), mesh)
+
