@@ -5,8 +5,11 @@
     acc = metrics.class_accuracy(clf, samples, labels)     # samples (N, 32, 32, 1) in [-1, 1]
     fd = metrics.fid_from_images(real, samples, clf.features)
 
-Any ``feature_fn: images -> (N, D)`` (e.g. an InceptionV3 pool-3 extractor) can replace
-``clf.features`` to get the usual FID.
+Any ``feature_fn: images -> (N, D)`` can replace ``clf.features``. The FID papers report uses the FID
+Inception-v3 (:mod:`flaxdiff.metrics.inception`, :mod:`flaxdiff.metrics.fid`, docs/fid.md)::
+
+    extractor = metrics.InceptionExtractor.from_weights("pt_inception-2015-12-05-6726825d.pth")
+    fd = metrics.fid_from_images(real, samples, extractor)
 """
 from __future__ import annotations
 
@@ -20,6 +23,8 @@ from flaxdiff.metrics.classifier import (
     mnist_arrays,
     train_classifier,
 )
+from flaxdiff.metrics import fid, inception
+from flaxdiff.metrics.fid import FeatureStats, InceptionExtractor, fid_eval, load_stats, save_stats
 from flaxdiff.metrics.frechet import (
     batched_features,
     feature_statistics,
@@ -55,6 +60,7 @@ def evaluate_class_conditional(images: np.ndarray, labels: np.ndarray,
 
 
 __all__ = [
+    "FeatureStats", "InceptionExtractor", "fid", "fid_eval", "inception", "load_stats", "save_stats",
     "Classifier", "DigitCNN", "batched_features", "class_accuracy", "default_cache_dir",
     "evaluate_class_conditional", "feature_statistics", "fid_from_features", "fid_from_images",
     "frechet_distance", "get_mnist_classifier", "mnist_arrays", "train_classifier",
