@@ -3,7 +3,8 @@
 1. Pairs. Row i draws ``eps_i ~ N(0, I)`` from ``fold_in(key, i)`` alone and integrates the base model's
    probability-flow ODE with a chosen sampler: ``x0_i = ODE(eps_i)``. The same key gives the same pairs whatever
    the batch split (stochastic samplers also get their per-row key from ``fold_in(fold_in(key, 1), i)``).
-2. Training. The usual loss, but with the coupled noise instead of fresh noise:
+2. Training. The usual loss, but with the coupled noise instead of fresh noise (``objectives.ReflowLoss`` given to
+   the one :class:`flaxdiff.training.Trainer`):
 
        t ~ time sampler,   x_t = alpha(t) x0 + sigma(t) eps  (= (1 - t) x0 + t eps),
        L = w(t) || F(x_t, t, c) - target(x0, eps, t) ||^2   (velocity target eps - x0 for rectified flow),
@@ -115,24 +116,10 @@ class PairSource:
 def reflow_loss(apply_fn: losses.ApplyFn, params: Any, x0: Array, eps: Array, cond: Mapping[str, Array] | None,
                 key: Array, schedule: Any, predictor: Any, weighting: Any, time_sampler: Any,
                 loss_mask: Array | None = None) -> tuple[Array, dict[str, Array]]:
-    """The loss of the module docstring (step 2): the diffusion loss with ``eps`` given, not drawn."""
+    """The loss of the module docstring (step 2): the diffusion loss with ``eps`` given, not drawn (the trainer
+    reaches it as :class:`flaxdiff.objectives.ReflowLoss`, which takes eps from ``batch["noise"]``)."""
     return losses.diffusion_loss(apply_fn, params, x0, cond, key, schedule, predictor, weighting, time_sampler,
                                  loss_mask=loss_mask, noise=eps)
-
-
-class ReflowTrainer(DiffusionTrainer):
-    """The DiffusionTrainer with :func:`reflow_loss`: the batch's ``noise`` entry is the coupled eps (not a
-    condition). Only the per-micro-batch loss differs; stepping, sharding and checkpoints are inherited."""
-
-    def _split_batch(self, batch: Mapping[str, Any]) -> tuple[Array, dict[str, Array] | None, Array | None]:
-        return super()._split_batch({k: v for k, v in batch.items() if k != "noise"})
-
-    def _micro_loss(self, params: Any, batch: Mapping[str, Any], key: Array,
-                    train: bool) -> tuple[Array, dict[str, Array]]:
-        dropout_key, loss_key = jax.random.split(key)
-        x0, cond, loss_mask = self._split_batch(batch)
-        return reflow_loss(self.apply_fn(train, dropout_key if train else None), params, x0, batch["noise"], cond,
-                           loss_key, self.schedule, self.predictor, self.weighting, self.time_sampler, loss_mask)
 
 
 def evaluate_steps(pipe: Any, steps: Sequence[int] = (1, 2, 5, 10), per_class: int = 50,
@@ -162,7 +149,7 @@ def evaluate_steps(pipe: Any, steps: Sequence[int] = (1, 2, 5, 10), per_class: i
 
 def run_reflow(base_dir: str | Path, workdir: str | Path, *, num_pairs: int = 2048, pair_sampler: str = "euler",
                pair_steps: int = 20, guidance_scale: float | None = None, train_config: Any = None,
-               batch_size: int = 64, seed: int = 0, ema: bool = True) -> DiffusionTrainer:
+               batch_size: int = 64, seed: int = 0, ema: bool = True) -> Trainer:
     """Generate pairs from the checkpoint at ``base_dir`` (saved to ``workdir/reflow_pairs.npz``), then train a
     reflow model initialised from its params with ``train_config`` (a TrainConfig) into ``workdir``; returns the
     finished trainer (its checkpoints load with :class:`flaxdiff.pipeline.Pipeline`)."""
@@ -196,9 +183,10 @@ def run_reflow(base_dir: str | Path, workdir: str | Path, *, num_pairs: int = 20
     data_config = {k: v for k, v in config.get("data", {}).items() if k not in ("image_key", "shapes")}
     data_config.update(reflow_from=str(Path(base_dir).absolute()), reflow_pairs=num_pairs,
                        reflow_sampler=pair_sampler, reflow_steps=pair_steps, reflow_guidance=guidance_scale)
-    trainer = ReflowTrainer(pipe.model, config["model"], pipe.schedule, pipe.predictor, components["weighting"],
-                            components["time_sampler"], train_config, example, workdir=workdir,
-                            data_config=data_config)
+    loss = ReflowLoss(pipe.schedule, pipe.predictor, components["weighting"], components["time_sampler"],
+                      null_cond=null_cond)
+    trainer = Trainer(pipe.model, config["model"], train_config=train_config, example_batch=example, loss=loss,
+                      workdir=workdir, data_config=data_config)
     state = trainer.init()
     params = jax.device_put(pipe.params, trainer.state_shardings.params)
     trainer.state = state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params))
