@@ -27,7 +27,6 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from flaxdiff import data, interop, models
 
@@ -78,28 +77,58 @@ def load_codec(path: str | Path) -> LatentCodec:
 
 def autoencoder_loss(module: models.AutoencoderKL, params: Any, images: Array, key: Array,
                      kl_weight: float) -> tuple[Array, dict[str, Array]]:
-    """Batch mean of ``||x - Dec(z)||^2 / D + kl_weight KL / D`` with z a posterior sample drawn from ``key``."""
-    recon, mean, logvar = module.apply({"params": params}, images, sample_posterior=True, rngs={"sample": key})
-    dims = math.prod(images.shape[1:])
-    mse = jnp.mean(jnp.square(recon - images).reshape(images.shape[0], -1), axis=-1)
-    kl = models.kl_divergence(mean, logvar) / dims
-    loss = jnp.mean(mse + kl_weight * kl)
-    return loss, {"loss": loss, "mse": jnp.mean(mse), "kl": jnp.mean(kl)}
+    """Batch mean of ``||x - Dec(z)||^2 / D + kl_weight KL / D`` with z a posterior sample drawn from ``key``
+    (:class:`flaxdiff.objectives.AutoencoderLoss` applied to ``module``)."""
+    from flaxdiff.objectives import AutoencoderLoss
+
+    def apply_fn(p: Any, *inputs: Any, **kwargs: Any) -> Any:
+        return module.apply({"params": p}, *inputs, **kwargs)
+
+    return AutoencoderLoss(kl_weight)(apply_fn, params, {"image": images}, key)
+
+
+class _Images:
+    """The ``image`` entries of a loader's batches, with the loader's data position (get_state / set_state)."""
+
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader
+
+    def __iter__(self) -> "_Images":
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        return {"image": next(self.loader)["image"]}
+
+    def get_state(self) -> Any:
+        return self.loader.get_state()
+
+    def set_state(self, state: Any) -> None:
+        self.loader.set_state(state)
 
 
 def train_autoencoder(source: Any, out_dir: str | Path, *, model: str = "autoencoder-tiny",
                       model_config: Mapping[str, Any] | None = None, image_size: int = 32,
                       channels: int | None = None, batch_size: int = 64, steps: int = 500,
                       learning_rate: float = 1e-3, kl_weight: float = 1e-3, seed: int = 0,
-                      scale_images: int = 512, log_every: int = 50) -> Path:
-    """Train an autoencoder preset on ``source`` and export it (with the data-estimated scaling_factor) to
-    ``out_dir``; returns ``out_dir``. Metrics go to ``out_dir/train_log.json``."""
+                      scale_images: int = 512, log_every: int = 50, checkpoint_every: int = 1000,
+                      resume: bool = True) -> Path:
+    """Train an autoencoder preset on ``source`` with :class:`flaxdiff.objectives.AutoencoderLoss` through the
+    :class:`flaxdiff.training.Trainer` (AdamW, warm-up then cosine decay to 5% of ``learning_rate``, gradient
+    clipping at 1, no EMA) and export it (with the data-estimated scaling_factor) to ``out_dir``; returns
+    ``out_dir``. ``batch_size`` is per process. Checkpoints (every ``checkpoint_every`` steps and at the end) go
+    to ``out_dir/checkpoints``, and with ``resume`` a run continues from the latest one (its config must match);
+    metrics go to ``out_dir/metrics.jsonl`` and TensorBoard, the logged history to ``out_dir/run_config.json``."""
+    from flaxdiff.objectives import AutoencoderLoss
+    from flaxdiff.training import Trainer, TrainConfig
+
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps={steps} and batch_size={batch_size} must be >= 1")
     if kl_weight < 0:
         raise ValueError(f"kl_weight={kl_weight} must be >= 0")
     loader = data.make_loader(source, batch_size, image_size, seed=seed, channels=channels)
+    start_position = loader.get_state()
     first = next(loader)
+    loader.set_state(start_position)
     overrides = dict(model_config or {})
     overrides.setdefault("in_channels", first["image"].shape[-1])
     overrides.setdefault("out_channels", first["image"].shape[-1])
@@ -107,48 +136,34 @@ def train_autoencoder(source: Any, out_dir: str | Path, *, model: str = "autoenc
     if not isinstance(config, models.AutoencoderConfig):
         raise ValueError(f"autoencoder model {model!r} is not an autoencoder preset; use autoencoder-tiny or "
                          f"autoencoder")
-    module = config.make()
-    key = jax.random.PRNGKey(seed)
-    init_key, key = jax.random.split(key)
-    params = jax.jit(lambda x: module.init({"params": init_key, "sample": init_key}, x)["params"])(
-        jnp.asarray(first["image"]))
-    tx = optax.chain(optax.clip_by_global_norm(1.0),
-                     optax.adamw(optax.warmup_cosine_decay_schedule(0.0, learning_rate, min(50, steps // 10 + 1),
-                                                                    steps, learning_rate * 0.05)))
-    opt_state = tx.init(params)
-
-    @jax.jit
-    def step_fn(params: Any, opt_state: Any, images: Array, step_key: Array) -> tuple[Any, Any, dict[str, Array]]:
-        (_, metrics), grads = jax.value_and_grad(
-            lambda p: autoencoder_loss(module, p, images, step_key, kl_weight), has_aux=True)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, metrics
-
-    history = []
+    train_config = TrainConfig(learning_rate=learning_rate, warmup_steps=min(50, steps // 10 + 1),
+                               lr_decay="cosine", end_lr_fraction=0.05, weight_decay=1e-4, grad_clip=1.0,
+                               ema_decay=0.0, seed=seed, total_steps=steps, log_every=log_every,
+                               checkpoint_every=checkpoint_every)
+    trainer = Trainer(config.make(), config.to_config(), train_config=train_config,
+                      example_batch={"image": first["image"]}, loss=AutoencoderLoss(kl_weight), workdir=out_dir,
+                      data_config={"image_size": image_size, "channels": channels})
     start = time.perf_counter()
-    batch = first
-    for step in range(1, steps + 1):
-        params, opt_state, metrics = step_fn(params, opt_state, jnp.asarray(batch["image"]),
-                                             jax.random.fold_in(key, step))
-        if step % log_every == 0 or step == steps:
-            host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            history.append({"step": step, "seconds": time.perf_counter() - start, **host})
-            logger.info("autoencoder step %d: loss %.5f mse %.5f kl %.4f", step, host["loss"], host["mse"],
-                        host["kl"])
-        if step < steps:
-            batch = next(loader)
+    trainer.fit(_Images(loader), resume=resume)
+    trainer.close()
+    params = trainer.state.params
+    history = [{k: h[k] for k in ("step", "loss", "mse", "kl", "grad_norm", "lr") if k in h} for h in trainer.history]
+    for entry in history:
+        logger.info("autoencoder step %d: loss %.5f mse %.5f kl %.4f", entry["step"], entry["loss"], entry["mse"],
+                    entry["kl"])
     scale_loader = data.make_loader(source, min(scale_images, len(source)), image_size, seed=seed + 1,
                                     channels=channels, num_epochs=1)
     sample = jnp.asarray(next(scale_loader)["image"])
-    scaling = models.estimate_latent_scale(module, params, sample)
+    scaling = models.estimate_latent_scale(trainer.model, params, sample)
     config = config.replace(scaling_factor=float(scaling), shift_factor=None)
-    out = interop.export_params(jax.device_get(params), config, out_dir,
-                                run_config={"history": history, "kl_weight": kl_weight, "steps": steps,
-                                            "batch_size": batch_size, "image_size": image_size,
-                                            "train_seconds": time.perf_counter() - start})
+    if jax.process_index() == 0:
+        interop.export_params(jax.device_get(params), config, out_dir,
+                              run_config={"history": history, "kl_weight": kl_weight, "steps": steps,
+                                          "batch_size": batch_size, "image_size": image_size,
+                                          "train_seconds": time.perf_counter() - start})
     logger.info("autoencoder: scaling_factor %.4f estimated from %d images; exported to %s", scaling,
-                sample.shape[0], out)
-    return Path(out)
+                sample.shape[0], out_dir)
+    return Path(out_dir)
 
 
 def cache_latents(autoencoder: str | Path | LatentCodec, source: Any, out_path: str | Path, image_size: int,
