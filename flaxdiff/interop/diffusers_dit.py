@@ -7,7 +7,8 @@ The computation (Peebles & Xie 2023, as diffusers writes it), NHWC with p x p pa
 
     h   = PatchConv(x) + pos2d                     pos2d(i, j) = [sincos(j), sincos(i)] (fixed, not a parameter)
     c_b = MLP_b(sinusoid_256(t)) + E_b[y]          every block b has its own time / label embedder
-    h  += g1 * Attn(LN(h) (1 + a1) + b1);   h += g2 * FF(LN(h) (1 + a2) + b2)     (b1, a1, g1, b2, a2, g2) = W_b silu(c_b)
+    (b1, a1, g1, b2, a2, g2) = W_b silu(c_b)
+    h  += g1 * Attn(LN(h) (1 + a1) + b1);   h += g2 * FF(LN(h) (1 + a2) + b2)
     out = unpatchify(W_out (LN(h) (1 + a) + b)),   (b, a) = W silu(c_0)  (block 0's embedding)
 
 With learned sigma ``out_channels = 2 in_channels``: the first half is eps, the second the variance interpolation

@@ -509,7 +509,8 @@ class UNet2DConditionModel(nn.Module):
 
 def c_noise_apply_fn(module: nn.Module, num_train_timesteps: int = 1000) -> Callable[[Any, Array, Array, Any], Array]:
     """``apply_fn(params, x, c_noise, cond) -> F`` (the toolkit's convention) for a diffusers-timestep module:
-    c_noise = 1000 t of a ``DiscreteVPSchedule`` with T = num_train_timesteps is the timestep k = c_noise T / 1000 - 1."""
+    c_noise = 1000 t of a ``DiscreteVPSchedule`` with T = num_train_timesteps is the timestep
+    k = c_noise T / 1000 - 1."""
 
     def apply_fn(params: Any, x: Array, c_noise: Array, cond: Any) -> Array:
         timesteps = jnp.asarray(c_noise, jnp.float32) * (num_train_timesteps / 1000.0) - 1.0
