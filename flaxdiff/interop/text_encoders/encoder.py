@@ -125,7 +125,8 @@ def _tokenizer_dir(directory: Path) -> Path:
 
 #: kind -> module implementing ``load(directory, dtype) -> (module, params, config)``,
 #: ``save(params, config, out_dir)``, ``default_length(config, tokenizer_dir)`` and ``pad_id(config)``.
-_BACKENDS = {"clip": "flaxdiff.interop.text_encoders.clip"}
+_BACKENDS = {"clip": "flaxdiff.interop.text_encoders.clip", "t5": "flaxdiff.interop.text_encoders.t5",
+             "openclip": "flaxdiff.interop.text_encoders.openclip"}
 
 
 def _backend(kind: str) -> Any:
@@ -171,6 +172,7 @@ class PretrainedTextEncoder(TextConditioner):
         self.width = int(shapes["text"].shape[-1])
         self.pooled_width = int(shapes["pooled"].shape[-1])
         self._jitted = jax.jit(self._forward)
+        self._outputs = jax.jit(lambda params, ids, mask: module.apply({"params": params}, ids, mask))
 
     def _forward(self, params: Any, ids: jax.Array) -> dict[str, jax.Array]:
         options = self.options
@@ -222,6 +224,12 @@ class PretrainedTextEncoder(TextConditioner):
             ids = jnp.concatenate([ids, jnp.repeat(ids[-1:], pad, axis=0)], axis=0)
         out = self._jitted(self.params, jax.device_put(ids, batch_sharding(self.mesh)))
         return {key: value[:rows] for key, value in out.items()} if pad else out
+
+    def outputs(self, ids: Any, attention_mask: Any = None) -> dict[str, Any]:
+        """Every output of the encoder module (jitted): ``last_hidden_state``, ``hidden_states``, pooled outputs
+        (``pooler_output``, ``text_embeds``) as the reference model names them."""
+        mask = None if attention_mask is None else jnp.asarray(attention_mask, bool)
+        return self._outputs(self.params, jnp.asarray(ids, jnp.int32), mask)
 
     def tokenize(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """``(ids (N, L) int32, attention mask (N, L) bool)`` as the reference tokenizer gives them."""
@@ -285,15 +293,17 @@ def load_text_encoder(path: str | Path, dtype: str | None = None, *, subfolder: 
     saved = _json(path / OPTIONS_FILE)
     dtype = dtype or saved.get("dtype") or "float32"
     resolve_dtype(dtype)
-    backend = _backend(kind)
-    module, params, config = backend.load(path, dtype)
-    token_dir = _tokenizer_dir(path)
     base = EncodeOptions(**{key: saved[key] for key in ("layer", "final_norm", "max_length", "use_mask")
                             if key in saved})
     overrides = {key: value for key, value in (("layer", layer), ("final_norm", final_norm),
                                                ("max_length", max_length), ("use_mask", use_mask))
                  if value is not None}
-    options = dataclasses.replace(base, **overrides).resolved(kind, backend.default_length(config, token_dir))
+    options = dataclasses.replace(base, **overrides)
+    options.resolved(kind, 1)  # validate before reading weights
+    token_dir = _tokenizer_dir(path)
+    backend = _backend(kind)
+    module, params, config = backend.load(path, dtype)
+    options = options.resolved(kind, backend.default_length(config, token_dir))
     text_tokenizer = tokenizers.load_tokenizer(token_dir, kind, options.max_length, pad_id=backend.pad_id(config))
     return PretrainedTextEncoder(kind, module, params, config, text_tokenizer, options, str(path.absolute()), mesh)
 

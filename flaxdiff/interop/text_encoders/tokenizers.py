@@ -5,7 +5,11 @@ Every tokenizer maps a list of texts to ``(ids (N, L) int32, mask (N, L) bool)``
 do with ``padding="max_length", truncation=True, max_length=L``:
 
     CLIP      [BOS] + bpe(text)[: L - 2] + [EOS] + [PAD] * rest        mask = 1 on BOS..EOS
+    OpenCLIP  the same after open_clip's cleaning (ftfy, HTML unescape), PAD = 0 (``open_clip.tokenize``)
     T5        sp(text)[: L - 1] + [EOS] + [PAD] * rest                  mask = 1 up to EOS
+
+Special-token strings typed inside a prompt (``<|endoftext|>``, ``</s>``, ``<extra_id_0>``) are matched as special
+tokens by the CLIP tokenizers, as transformers does, but encoded as plain text by the sentencepiece T5 tokenizer.
 
 CLIP's BPE pipeline when only ``vocab.json`` + ``merges.txt`` exist (as transformers 5 builds it): NFC, ``\\s+`` ->
 " ", lowercase; split on ``<|startoftext|>|<|endoftext|>|'s|'t|'re|'ve|'m|'ll|'d|[\\p{L}]+|[\\p{N}]|[^\\s\\p{L}\\p{N}]+``;
@@ -14,8 +18,10 @@ byte-level alphabet; BPE with end-of-word suffix ``</w>``. Special tokens come f
 """
 from __future__ import annotations
 
+import html
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -50,19 +56,39 @@ def _special_tokens(directory: Path) -> dict[str, Any]:
     return out
 
 
+def openclip_clean(text: str) -> str:
+    """open_clip's tokenizer cleaning: ``ftfy.fix_text`` (when ftfy is installed: mojibake, ligatures, NFC),
+    HTML unescaping twice, whitespace runs -> one space, strip (lowercasing is part of the BPE pipeline)."""
+    try:
+        import ftfy
+    except ImportError:
+        logger.warning("ftfy is not installed: OpenCLIP prompts are tokenized without ftfy.fix_text (ligatures and "
+                       "mojibake may tokenize differently from open_clip); pip install ftfy")
+    else:
+        text = ftfy.fix_text(text)
+    text = html.unescape(html.unescape(text)).strip()
+    return re.sub(r"\s+", " ", text).strip()
+
+
 class BPETokenizer:
     """CLIP / OpenCLIP tokenizer on a ``tokenizers.Tokenizer`` (picklable: it is rebuilt from its JSON)."""
 
-    def __init__(self, tokenizer: Any, bos_id: int, eos_id: int, pad_id: int, max_length: int) -> None:
+    def __init__(self, tokenizer: Any, bos_id: int, eos_id: int, pad_id: int, max_length: int,
+                 clean: str = "none") -> None:
+        if clean not in ("none", "openclip"):
+            raise ValueError(f"clean={clean!r}; accepted: none, openclip")
         self.tokenizer = tokenizer
+        self.clean = clean
         self.bos_id, self.eos_id, self.pad_id = int(bos_id), int(eos_id), int(pad_id)
         self.max_length = int(max_length)
         if self.max_length < 2:
             raise ValueError(f"max_length={max_length} leaves no room for BOS and EOS; use >= 2")
 
     @classmethod
-    def from_dir(cls, directory: str | Path, max_length: int, pad_id: int | None = None) -> "BPETokenizer":
-        """From ``tokenizer.json`` or ``vocab.json`` + ``merges.txt`` in ``directory``."""
+    def from_dir(cls, directory: str | Path, max_length: int, pad_id: int | None = None,
+                 clean: str = "none") -> "BPETokenizer":
+        """From ``tokenizer.json`` or ``vocab.json`` + ``merges.txt`` in ``directory``; ``clean="openclip"`` first
+        applies open_clip's text cleaning (:func:`openclip_clean`)."""
         from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers
         from tokenizers.models import BPE
 
@@ -96,11 +122,12 @@ class BPETokenizer:
                    if ids[name] is None]
         if missing and not (missing == [f"pad {pad!r}"] and pad_id is not None):
             raise ValueError(f"tokenizer in {directory} has no id for {', '.join(missing)}")
-        return cls(tokenizer, ids["bos"], ids["eos"], ids["pad"] if pad_id is None else pad_id, max_length)
+        return cls(tokenizer, ids["bos"], ids["eos"], ids["pad"] if pad_id is None else pad_id, max_length, clean)
 
     def encode_one(self, text: str) -> np.ndarray:
         """ids (max_length,) int32 of one text."""
-        body = self.tokenizer.encode(str(text), add_special_tokens=False).ids[: self.max_length - 2]
+        text = openclip_clean(str(text)) if self.clean == "openclip" else str(text)
+        body = self.tokenizer.encode(text, add_special_tokens=False).ids[: self.max_length - 2]
         row = np.full((self.max_length,), self.pad_id, np.int32)
         row[0] = self.bos_id
         row[1:1 + len(body)] = body
@@ -193,7 +220,8 @@ class SentencePieceTokenizer:
 def load_tokenizer(directory: str | Path, kind: str, max_length: int, pad_id: int | None = None) -> Any:
     """The tokenizer of ``kind`` ("clip", "openclip": BPE; "t5": sentencepiece) from ``directory``."""
     if kind in ("clip", "openclip"):
-        return BPETokenizer.from_dir(directory, max_length, pad_id=pad_id)
+        return BPETokenizer.from_dir(directory, max_length, pad_id=pad_id,
+                                     clean="openclip" if kind == "openclip" else "none")
     if kind == "t5":
         return SentencePieceTokenizer.from_dir(directory, max_length)
     raise ValueError(f"tokenizer kind {kind!r}; accepted: clip, openclip, t5")
