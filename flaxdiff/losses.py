@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from flaxdiff.predictors import NoiseLevel, Predictor, noise_level
-from flaxdiff.registry import Registry
+from flaxdiff.registry import Registry, to_config
 from flaxdiff.schedules import DiscreteVPSchedule, NoiseSchedule
 
 Array = jax.Array
@@ -39,10 +39,6 @@ __all__ = [
 ]
 
 
-def _config(obj: Any) -> dict[str, Any]:
-    return {"name": obj.name, **{f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}}
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # Time (noise-level) sampling densities
 
@@ -57,7 +53,7 @@ class TimeSampler:
         raise NotImplementedError
 
     def to_config(self) -> dict[str, Any]:
-        return _config(self)
+        return to_config(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,7 +161,7 @@ class Weighting:
         return self.x0_weight(level) * predictor.x0_error_scale(level)
 
     def to_config(self) -> dict[str, Any]:
-        return _config(self)
+        return to_config(self)
 
 
 @dataclasses.dataclass(frozen=True)

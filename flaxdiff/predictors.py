@@ -26,7 +26,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from flaxdiff.registry import Registry
+from flaxdiff.registry import Registry, to_config
 from flaxdiff.schedules import NoiseSchedule
 
 Array = jax.Array
@@ -101,7 +101,7 @@ class Predictor:
         raise NotImplementedError
 
     def to_config(self) -> dict[str, Any]:
-        return {"name": self.name, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}}
+        return to_config(self)
 
 
 @dataclasses.dataclass(frozen=True)

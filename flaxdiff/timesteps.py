@@ -14,7 +14,8 @@ Conventions (the same for every grid and sampler):
   s = inf at t = 1. Grids start at the finite s_max = min(sigma_ratio(t = 1), SIGMA_RATIO_CAP) and the sampler
   starts from x~ = s_max * eps, i.e. the prior N(0, s_max^2 I) whose neglected signal is O(1 / s_max) of the noise.
 
-Grids (``get(name, steps, sigma_min, sigma_max, ...)``):
+Grids (``get(name, steps, schedule=..., sigma_min=..., sigma_max=..., **options)``), a shared ``Registry``; every
+grid is a function ``grid(steps, sigma_min, sigma_max, *options, append_zero=True, schedule=None)``:
 
     karras          (s_max^(1/rho) + i/(N-1) (s_min^(1/rho) - s_max^(1/rho)))^rho       (Karras et al. 2022)
     exponential     log-uniform in s from s_max to s_min
@@ -22,23 +23,27 @@ Grids (``get(name, steps, sigma_min, sigma_max, ...)``):
     time_uniform    uniform in t of the VP-SDE beta(t) = 0.1 + 19.9 t, whose s(t)^2 = exp(9.95 t^2 + 0.1 t) - 1
     time_quadratic  uniform in sqrt(t) of that VP-SDE (DPM-Solver's default for pixel models)
     flow_shift      uniform in rectified-flow time u with the SD3 shift t' = k u / (1 + (k - 1) u), s = t' / (1 - t')
+    flow_time       uniform in rectified-flow time t = 1 - i / N, s = t / (1 - t), first level s_max (reflow)
     uniform         uniform in the schedule's own time t, spacing "linspace" / "leading" / "trailing" (diffusers)
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flaxdiff.registry import Registry
 from flaxdiff.schedules import DiscreteVPSchedule, NoiseSchedule, VESchedule
 
 __all__ = [
     "SIGMA_RATIO_CAP",
+    "DEFAULT_GRID",
     "get",
     "available",
+    "register",
     "sigma_range",
     "from_times",
     "validate",
@@ -48,9 +53,12 @@ __all__ = [
     "time_uniform",
     "time_quadratic",
     "flow_shift",
+    "flow_time",
     "uniform",
 ]
 
+# The default sampling grid, chosen by benchmarks/bench_samplers.py together with samplers.DEFAULT_SAMPLER.
+DEFAULT_GRID = "logsnr_uniform"
 # Largest starting sigma ratio s = sigma / alpha for schedules whose terminal SNR is 0 (s = inf at t = 1).
 SIGMA_RATIO_CAP = 1000.0
 # Smallest schedule time used by default for schedules whose s(0) = 0 (one training step for discrete VP tables).
@@ -60,7 +68,7 @@ _VP_BETA_MIN, _VP_BETA_D = 0.1, 19.9
 
 def _check_steps(steps: Any) -> None:
     if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"steps={steps!r} must be an integer >= 1")
+        raise ValueError(f"steps={steps!r} must be >= 1 (an integer)")
 
 
 def _check_range(sigma_min: float, sigma_max: float) -> None:
@@ -113,7 +121,8 @@ def from_times(schedule: NoiseSchedule, t: Any, append_zero: bool = True) -> np.
     return _finish(_sigma_ratio(schedule, np.asarray(t, np.float64)), append_zero)
 
 
-def karras(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0, append_zero: bool = True) -> np.ndarray:
+def karras(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0, append_zero: bool = True,
+           schedule: NoiseSchedule | None = None) -> np.ndarray:
     """Karras et al. 2022, eq. 5: uniform in s^(1/rho); N levels from s_max to s_min, then 0."""
     _check_steps(steps)
     _check_range(sigma_min, sigma_max)
@@ -124,7 +133,8 @@ def karras(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0, app
     return _finish((hi + ramp * (lo - hi)) ** rho, append_zero)
 
 
-def exponential(steps: int, sigma_min: float, sigma_max: float, append_zero: bool = True) -> np.ndarray:
+def exponential(steps: int, sigma_min: float, sigma_max: float, append_zero: bool = True,
+                schedule: NoiseSchedule | None = None) -> np.ndarray:
     """log s uniform from log s_max to log s_min (k-diffusion ``get_sigmas_exponential``)."""
     _check_steps(steps)
     _check_range(sigma_min, sigma_max)
@@ -132,7 +142,8 @@ def exponential(steps: int, sigma_min: float, sigma_max: float, append_zero: boo
     return _finish(np.exp(math.log(sigma_max) + ramp * (math.log(sigma_min) - math.log(sigma_max))), append_zero)
 
 
-def logsnr_uniform(steps: int, sigma_min: float, sigma_max: float, append_zero: bool = True) -> np.ndarray:
+def logsnr_uniform(steps: int, sigma_min: float, sigma_max: float, append_zero: bool = True,
+                   schedule: NoiseSchedule | None = None) -> np.ndarray:
     """Uniform in log-SNR lambda = -2 log s between lambda(s_max) and lambda(s_min): the ``exponential`` levels."""
     return exponential(steps, sigma_min, sigma_max, append_zero)
 
@@ -146,7 +157,8 @@ def _vp_sigma(t: np.ndarray) -> np.ndarray:
     return np.sqrt(np.expm1(0.5 * _VP_BETA_D * t**2 + _VP_BETA_MIN * t))
 
 
-def time_uniform(steps: int, sigma_min: float, sigma_max: float, append_zero: bool = True) -> np.ndarray:
+def time_uniform(steps: int, sigma_min: float, sigma_max: float, append_zero: bool = True,
+                 schedule: NoiseSchedule | None = None) -> np.ndarray:
     """DPM-Solver's ``time_uniform`` (k-diffusion ``get_sigmas_vp``): uniform t of the VP-SDE between t(s_max)
     and t(s_min)."""
     _check_steps(steps)
@@ -156,7 +168,8 @@ def time_uniform(steps: int, sigma_min: float, sigma_max: float, append_zero: bo
     return _finish(_vp_sigma(t_hi + ramp * (t_lo - t_hi)), append_zero)
 
 
-def time_quadratic(steps: int, sigma_min: float, sigma_max: float, append_zero: bool = True) -> np.ndarray:
+def time_quadratic(steps: int, sigma_min: float, sigma_max: float, append_zero: bool = True,
+                   schedule: NoiseSchedule | None = None) -> np.ndarray:
     """DPM-Solver's ``time_quadratic``: uniform in sqrt(t) of the VP-SDE, t from t(s_max) to t(s_min)."""
     _check_steps(steps)
     _check_range(sigma_min, sigma_max)
@@ -166,7 +179,7 @@ def time_quadratic(steps: int, sigma_min: float, sigma_max: float, append_zero: 
 
 
 def flow_shift(steps: int, sigma_min: float, sigma_max: float, shift: float = 3.0,
-               append_zero: bool = True) -> np.ndarray:
+               append_zero: bool = True, schedule: NoiseSchedule | None = None) -> np.ndarray:
     """Uniform in rectified-flow time u, mapped by the SD3 shift t' = k u / (1 + (k - 1) u), s = t' / (1 - t');
     u runs between the values whose s equals s_max and s_min."""
     _check_steps(steps)
@@ -184,14 +197,30 @@ def flow_shift(steps: int, sigma_min: float, sigma_max: float, shift: float = 3.
     return _finish(t_shifted / (1.0 - t_shifted), append_zero)
 
 
-def uniform(steps: int, schedule: NoiseSchedule, spacing: str = "linspace", sigma_min: float | None = None,
-            sigma_max: float | None = None, append_zero: bool = True) -> np.ndarray:
+def flow_time(steps: int, sigma_min: float, sigma_max: float, append_zero: bool = True,
+              schedule: NoiseSchedule | None = None) -> np.ndarray:
+    """Uniform in rectified-flow time t = s / (1 + s): t_i = 1 - i / N, so s_i = t_i / (1 - t_i), with the
+    infinite s(t_0 = 1) replaced by s_max (the grid of reflow, Liu et al. 2023). s_min is not used: the last
+    level is s = 1 / (N - 1)."""
+    _check_steps(steps)
+    _check_range(sigma_min, sigma_max)
+    t = 1.0 - np.arange(1, steps, dtype=np.float64) / steps
+    levels = np.concatenate([[sigma_max], t / (1.0 - t)])
+    return _finish(levels, append_zero)
+
+
+def uniform(steps: int, sigma_min: float | None = None, sigma_max: float | None = None, spacing: str = "linspace",
+            append_zero: bool = True, schedule: NoiseSchedule | None = None) -> np.ndarray:
     """Uniform in the schedule's time t between t_max = t(s_max) and t_min = t(s_min) (diffusers' spacings):
 
         linspace  t_i = t_max + i / (N - 1) (t_min - t_max),   i = 0..N-1
         trailing  t_i = t_max (N - i) / N                      (ends at t_max / N; "trailing" of Lin et al. 2023)
         leading   t_i = t_min + (t_max - t_min) (N - 1 - i) / N
+
+    ``schedule`` is required (s_min / s_max default to ``sigma_range(schedule)``).
     """
+    if schedule is None:
+        raise ValueError("grid 'uniform' is uniform in a schedule's time: pass schedule=")
     _check_steps(steps)
     if spacing not in ("linspace", "leading", "trailing"):
         raise ValueError(f"spacing={spacing!r} is not one of 'linspace', 'leading', 'trailing'")
@@ -209,32 +238,21 @@ def uniform(steps: int, schedule: NoiseSchedule, spacing: str = "linspace", sigm
     return _finish(_sigma_ratio(schedule, t), append_zero)
 
 
-_GRIDS: dict[str, Callable[..., np.ndarray]] = {
-    "karras": karras,
-    "exponential": exponential,
-    "logsnr_uniform": logsnr_uniform,
-    "time_uniform": time_uniform,
-    "time_quadratic": time_quadratic,
-    "flow_shift": flow_shift,
-    "uniform": uniform,
-}
-
-
-def available() -> list[str]:
-    return sorted(_GRIDS)
+_REGISTRY: Registry[np.ndarray] = Registry("grid")
+for _name, _grid in (("karras", karras), ("exponential", exponential), ("logsnr_uniform", logsnr_uniform),
+                     ("time_uniform", time_uniform), ("time_quadratic", time_quadratic), ("flow_shift", flow_shift),
+                     ("flow_time", flow_time), ("uniform", uniform)):
+    _REGISTRY.register(_name, _grid)
+register = _REGISTRY.register
+available = _REGISTRY.available
 
 
 def get(name: str, steps: int, schedule: NoiseSchedule | None = None, sigma_min: float | None = None,
         sigma_max: float | None = None, **options: Any) -> np.ndarray:
-    """Build grid ``name`` with ``steps`` intervals; s_min / s_max default to ``sigma_range(schedule)``
-    (schedule defaults to ``ve``: [0.002, 80])."""
-    if name not in _GRIDS:
-        raise ValueError(f"unknown grid {name!r}; available: {', '.join(available())}")
+    """Build grid ``name`` with ``steps`` intervals: every registered grid is called as
+    ``grid(steps, s_min, s_max, schedule=schedule, **options)``, with s_min / s_max defaulting to
+    ``sigma_range(schedule)`` (schedule defaults to ``ve``: [0.002, 80])."""
+    _REGISTRY.check(name)
     schedule = VESchedule() if schedule is None else schedule
-    try:
-        if name == "uniform":
-            return uniform(steps, schedule, sigma_min=sigma_min, sigma_max=sigma_max, **options)
-        s_min, s_max = sigma_range(schedule, sigma_min, sigma_max)
-        return _GRIDS[name](steps, s_min, s_max, **options)
-    except TypeError as err:
-        raise ValueError(f"bad arguments for grid {name!r}: {err}") from None
+    s_min, s_max = sigma_range(schedule, sigma_min, sigma_max)
+    return _REGISTRY.get(name, steps=steps, sigma_min=s_min, sigma_max=s_max, schedule=schedule, **options)

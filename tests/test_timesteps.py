@@ -56,12 +56,12 @@ def test_uniform_spacings_in_schedule_time():
     s_min, s_max = timesteps.sigma_range(schedule)
     assert s_max == timesteps.SIGMA_RATIO_CAP
     t_max = 2 / np.pi * np.arctan(s_max)
-    trailing = timesteps.uniform(4, schedule, spacing="trailing")
+    trailing = timesteps.uniform(4, spacing="trailing", schedule=schedule)
     t = 2 / np.pi * np.arctan(trailing[:-1])
     np.testing.assert_allclose(t, t_max * np.array([4, 3, 2, 1]) / 4, rtol=1e-5)
-    linspace = timesteps.uniform(4, schedule, spacing="linspace")
+    linspace = timesteps.uniform(4, spacing="linspace", schedule=schedule)
     np.testing.assert_allclose([linspace[0], linspace[-2]], [s_max, s_min], rtol=1e-4)
-    leading = timesteps.uniform(4, schedule, spacing="leading")
+    leading = timesteps.uniform(4, spacing="leading", schedule=schedule)
     assert leading[-2] == pytest.approx(s_min, rel=1e-4)
 
 
@@ -99,6 +99,24 @@ def test_errors_name_the_bad_value():
     with pytest.raises(ValueError, match="sigma_min=2.0, sigma_max=1.0"):
         timesteps.exponential(3, 2.0, 1.0)
     with pytest.raises(ValueError, match="spacing='middle'"):
-        timesteps.uniform(3, schedules.get("linear"), spacing="middle")
+        timesteps.uniform(3, spacing="middle", schedule=schedules.get("linear"))
     with pytest.raises(ValueError, match="rho=-1"):
         timesteps.karras(3, 0.1, 1.0, rho=-1)
+
+
+def test_grid_registry_has_one_signature_and_refuses_a_duplicate_name():
+    with pytest.raises(ValueError, match="grid 'karras' is already registered"):
+        timesteps.register("karras", timesteps.exponential)
+    np.testing.assert_allclose(timesteps.get("karras", 3, sigma_min=0.1, sigma_max=1.0, rho=3.0),
+                               timesteps.karras(3, 0.1, 1.0, rho=3.0))
+    with pytest.raises(ValueError, match="bad arguments for grid 'exponential'.*rho"):
+        timesteps.get("exponential", 3, rho=3.0)
+    with pytest.raises(ValueError, match="grid 'uniform' .* pass schedule="):
+        timesteps.uniform(3)
+
+
+def test_flow_time_is_uniform_in_rectified_flow_time():
+    np.testing.assert_allclose(timesteps.flow_time(4, 0.01, 100.0), [100.0, 3.0, 1.0, 1.0 / 3.0, 0.0], rtol=1e-12)
+    grid = timesteps.get("flow_time", 5, schedule=schedules.get("rectified_flow"))
+    assert grid[0] == timesteps.SIGMA_RATIO_CAP
+    np.testing.assert_allclose(grid[1:] / (1 + grid[1:]), [0.8, 0.6, 0.4, 0.2, 0.0], atol=1e-12)

@@ -10,6 +10,8 @@ from typing import Any, ClassVar
 
 import flax.linen as nn
 
+from flaxdiff.registry import to_config
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -25,11 +27,7 @@ class ModelConfig:
 
     def to_config(self) -> dict[str, Any]:
         """JSON-serialisable dict including the registry name under ``"name"``."""
-        out: dict[str, Any] = {"name": self.registry_name}
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            out[field.name] = list(value) if isinstance(value, tuple) else value
-        return out
+        return to_config(self, name=self.registry_name)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":

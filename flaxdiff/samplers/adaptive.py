@@ -15,7 +15,7 @@ s_min it is the final first-order step to s = 0), so NFE = 1 + 2 attempts + acce
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -38,16 +38,23 @@ class DPMAdaptive(Sampler):
     max_attempts: int = 10_000
 
     name = "dpm_adaptive"
-    adaptive = True
+    order = 3
+    deterministic_options: ClassVar[tuple[dict[str, Any], ...]] = ({"rtol": 1e-4, "atol": 1e-4},)
+    accuracy_sweep: ClassVar[tuple[dict[str, Any], ...]] = tuple({"rtol": tol, "atol": tol, "h_init": 0.5}
+                                                                 for tol in (1e-3, 1e-4, 1e-5, 1e-6))
 
     def __post_init__(self) -> None:
         for field in ("rtol", "atol", "h_init"):
             if not getattr(self, field) >= 0 or (field != "atol" and getattr(self, field) == 0):
                 raise ValueError(f"{field}={getattr(self, field)!r} must be > 0")
 
-    def step(self, denoise: Denoise, x: Array, state: Any, sigma: Array, sigma_next: Array,
-             key: Array | None) -> tuple[Array, Any]:
-        raise ValueError("dpm_adaptive chooses its own steps; run it through flaxdiff.samplers.sample")
+    def run(self, denoise: Denoise, x: Array, sigmas: Array, key: Array | None,
+            final_zero: bool) -> tuple[Array, Array]:
+        """Only the ends of the grid matter: solve from sigmas[0] to the last positive level, then (``final_zero``)
+        the first-order step to 0, whose D(x, s_last) the solver has already evaluated."""
+        sigma_end = sigmas[-2] if final_zero else sigmas[-1]
+        x_end, x0_end, nfe = self.solve(denoise, x, sigmas[0], sigma_end)
+        return (x0_end if final_zero else x_end), nfe
 
     def solve(self, denoise: Denoise, x: Array, sigma_start: Array, sigma_end: Array) -> tuple[Array, Array, Array]:
         """Integrate the PF-ODE from sigma_start to sigma_end; returns (x(sigma_end), D(x, sigma_end), nfe)."""

@@ -37,6 +37,9 @@ class EulerAncestral(EtaSampler):
     s_noise: float = 1.0
 
     name = "euler_ancestral"
+    order = 1
+    deterministic_options = ({"eta": 0.0},)
+    stochastic_options = ({},)
 
     def step(self, denoise: Denoise, x: Array, state: Any, sigma: Array, sigma_next: Array,
              key: Array | None) -> tuple[Array, Any]:
@@ -56,6 +59,8 @@ class DDIM(EtaSampler):
     eta: float = 0.0
 
     name = "ddim"
+    order = 1
+    stochastic_options = ({"eta": 1.0},)
 
     def step(self, denoise: Denoise, x: Array, state: Any, sigma: Array, sigma_next: Array,
              key: Array | None) -> tuple[Array, Any]:
@@ -72,6 +77,9 @@ class DDPM(Sampler):
     """
 
     name = "ddpm"
+    order = 1
+    deterministic_options = ()
+    stochastic_options = ({},)
 
     @property
     def stochastic(self) -> bool:

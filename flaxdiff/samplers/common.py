@@ -11,10 +11,14 @@ and D is the denoiser (x0_hat). ``lambda = -log s`` is half the log-SNR; exponen
 from __future__ import annotations
 
 import dataclasses
+import functools
+import itertools
 from typing import Any, Callable, ClassVar
 
 import jax
 import jax.numpy as jnp
+
+from flaxdiff.registry import to_config
 
 Array = jax.Array
 # D(x~, s) -> x0_hat with s a scalar array; the driver binds conditioning and guidance.
@@ -22,6 +26,10 @@ Denoise = Callable[[Array, Array], Array]
 
 __all__ = [
     "Sampler",
+    "Multistep",
+    "multistep_orders",
+    "history_init",
+    "history_push",
     "Denoise",
     "to_d",
     "ancestral_step",
@@ -35,19 +43,35 @@ __all__ = [
 ]
 
 
+StepFn = Callable[[Denoise, Array, Any, Array, Array, "Array | None"], tuple[Array, Any]]
+
+
 @dataclasses.dataclass(frozen=True)
 class Sampler:
-    """A sampler is one step function plus its declared cost.
+    """A sampler is one step function, its declared cost and order, and the loop that runs it.
 
     ``step(denoise, x, state, sigma, sigma_next, key) -> (x, state)`` moves x~ from level ``sigma`` to
     ``sigma_next > 0`` using exactly ``nfe_per_step`` calls of ``denoise``. ``final_step`` takes the last step
     into s = 0 (default: the first-order step x = D(x, sigma), 1 NFE; see ``flaxdiff.timesteps``).
     ``init_state(x, sigmas)`` builds the fixed-shape carry (multistep history, constants from the grid).
+    ``run`` is the compiled loop (``lax.scan`` over ``stages``); a sampler that picks its own steps overrides it.
+
+    Declared, and measured by the shared test battery for every registered sampler:
+
+    * ``order``: global order p of the deterministic form, endpoint error O(h^p) on a smooth grid;
+    * ``deterministic_options``: option sets giving a deterministic (ODE) form, each measured for ``order``;
+      empty when the sampler always draws noise (then its weak order is measured);
+    * ``stochastic_options``: option sets that make it draw noise, each checked against the exact moments;
+    * ``accuracy_sweep``: for samplers that choose their own steps, option sets of rising accuracy over which the
+      battery measures ``order`` as the slope of error against NFE (empty: the battery refines the grid).
     """
 
     name: ClassVar[str] = ""
     nfe_per_step: ClassVar[int] = 1
-    adaptive: ClassVar[bool] = False
+    order: ClassVar[int] = 0
+    deterministic_options: ClassVar[tuple[dict[str, Any], ...]] = ({},)
+    stochastic_options: ClassVar[tuple[dict[str, Any], ...]] = ()
+    accuracy_sweep: ClassVar[tuple[dict[str, Any], ...]] = ()
 
     @property
     def stochastic(self) -> bool:
@@ -65,8 +89,96 @@ class Sampler:
         """Euler (= DDIM) step from ``sigma`` to 0: x + (0 - s) (x - D) / s = D(x, s)."""
         return denoise(x, sigma)
 
+    def stages(self, scanned: int, intervals: int) -> list[tuple[StepFn, int]]:
+        """The ``scanned`` steps of a grid with ``intervals`` intervals as runs (step function, number of steps):
+        one run of ``step`` (multistep methods change order at the ends, see ``Multistep``)."""
+        return [(self.step, scanned)] if scanned else []
+
+    def nfe(self, num_levels: int, final_zero: bool) -> int:
+        """Exact NFE on a grid of ``num_levels`` entries: nfe_per_step per scanned step, +1 for the final step."""
+        return self.nfe_per_step * (num_levels - 1 - int(final_zero)) + int(final_zero)
+
+    def run(self, denoise: Denoise, x: Array, sigmas: Array, key: Array | None,
+            final_zero: bool) -> tuple[Array, Array]:
+        """Run over the grid ``sigmas`` (traceable, call inside jit); returns (x at the last level, nfe).
+
+        Step i moves sigmas[i] -> sigmas[i + 1] with key fold_in(fold_in(key, 1), i); each stage is one
+        ``lax.scan`` (a single step is called directly). With ``final_zero`` the last interval is ``final_step``.
+        """
+        intervals = sigmas.shape[0] - 1
+        scanned = intervals - int(final_zero)
+        state = self.init_state(x, sigmas)
+        base = sub_key(key, 1) if key is not None else None
+
+        def step_key(index: Array | int) -> Array | None:
+            return sub_key(base, index) if base is not None else None
+
+        start = 0
+        for step_fn, count in self.stages(scanned, intervals):
+            if count == 1:
+                x, state = step_fn(denoise, x, state, sigmas[start], sigmas[start + 1], step_key(start))
+            else:
+                def body(carry: tuple[Array, Any], index: Array, step_fn: StepFn = step_fn) -> tuple[tuple, None]:
+                    return step_fn(denoise, *carry, sigmas[index], sigmas[index + 1], step_key(index)), None
+
+                (x, state), _ = jax.lax.scan(body, (x, state), jnp.arange(start, start + count))
+            start += count
+        if final_zero:
+            x = self.final_step(denoise, x, state, sigmas[scanned], step_key(scanned))
+        return x, jnp.asarray(self.nfe(sigmas.shape[0], final_zero), jnp.int32)
+
     def to_config(self) -> dict[str, Any]:
-        return {"name": self.name, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}}
+        return to_config(self)
+
+
+def multistep_orders(solver_order: int, scanned: int, intervals: int, lower_order_final: bool) -> list[int]:
+    """Order used at each scanned step i of a multistep method of order p on a grid of N = ``intervals`` intervals:
+
+        p_i = min(p, i + 1)             warm-up: step i has only i + 1 denoiser outputs
+        p_i = min(p, i + 1, N - i)      with ``lower_order_final`` (diffusers): the last steps lower the order
+                                        again, which keeps high-order steps off the few large final intervals.
+    """
+    return [min(solver_order, i + 1, intervals - i if lower_order_final else solver_order) for i in range(scanned)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Multistep(Sampler):
+    """A linear multistep sampler: 1 NFE per step, earlier denoiser outputs in a fixed-shape history.
+
+    ``multistep(denoise, x, state, sigma, sigma_next, key, order)`` is the step at a static ``order`` <=
+    ``solver_order``; ``stages`` runs the warm-up and final steps at the lower orders of ``multistep_orders``
+    as their own stages, so no step branches on a step counter.
+    """
+
+    lower_order_final: bool = True
+
+    @property
+    def solver_order(self) -> int:
+        """Number of denoiser outputs the full-order step combines (the declared ``order`` by default)."""
+        return self.order
+
+    def multistep(self, denoise: Denoise, x: Array, state: Any, sigma: Array, sigma_next: Array,
+                  key: Array | None, order: int) -> tuple[Array, Any]:
+        raise NotImplementedError
+
+    def step(self, denoise: Denoise, x: Array, state: Any, sigma: Array, sigma_next: Array,
+             key: Array | None) -> tuple[Array, Any]:
+        return self.multistep(denoise, x, state, sigma, sigma_next, key, self.solver_order)
+
+    def stages(self, scanned: int, intervals: int) -> list[tuple[StepFn, int]]:
+        orders = multistep_orders(self.solver_order, scanned, intervals, self.lower_order_final)
+        return [(functools.partial(self.multistep, order=order), len(list(run)))
+                for order, run in itertools.groupby(orders)]
+
+
+def history_init(x: Array, size: int) -> tuple[Array, Array]:
+    """(values (size, *x.shape), log-levels lambda = -log s (size,)): newest first, filled by ``history_push``."""
+    return jnp.zeros((size,) + x.shape, x.dtype), jnp.zeros((size,), x.dtype)
+
+
+def history_push(history: tuple[Array, Array], value: Array, sigma: Array) -> tuple[Array, Array]:
+    values, lambdas = history
+    return push(values, value), push(lambdas, -jnp.log(sigma).astype(lambdas.dtype))
 
 
 def to_d(x: Array, sigma: Array, x0_hat: Array) -> Array:

@@ -1,4 +1,5 @@
-"""The compiled driver: the whole grid runs in one ``lax.scan`` (``lax.while_loop`` for dpm_adaptive) under one jit.
+"""The compiled driver: one jit around the sampler's own loop (``Sampler.run``: ``lax.scan`` over the grid;
+``lax.while_loop`` for dpm_adaptive, which overrides it).
 
 Sampling happens in VE-equivalent coordinates x~ = x_t / alpha at s = sigma / alpha (``flaxdiff.denoiser``):
 
@@ -32,40 +33,18 @@ from flaxdiff.schedules import NoiseSchedule
 
 Array = jax.Array
 
-__all__ = ["DEFAULT_SAMPLER", "DEFAULT_GRID", "run", "sample", "sample_model", "nfe_of"]
+__all__ = ["DEFAULT_SAMPLER", "DEFAULT_GRID", "run", "sample", "sample_model"]
 
-# Defaults chosen by benchmarks/bench_samplers.py: logsnr_uniform is the best or near-best grid at NFE 10-20 and
-# dpmpp_2m the most robust sampler at NFE 5-20 (docs/samplers.md).
+# Chosen by benchmarks/bench_samplers.py (docs/samplers.md): the best deterministic sampler / grid pair over NFE 5-20.
 DEFAULT_SAMPLER = "dpmpp_2m"
-DEFAULT_GRID = "logsnr_uniform"
-
-
-def nfe_of(sampler: Sampler, num_levels: int, final_zero: bool) -> int:
-    """Exact NFE of a fixed grid with ``num_levels`` entries: nfe_per_step per scanned step, +1 for the final step."""
-    scanned = num_levels - 1 - int(final_zero)
-    return sampler.nfe_per_step * scanned + int(final_zero)
+DEFAULT_GRID = timesteps.DEFAULT_GRID
 
 
 def run(sampler: Sampler, denoise: Denoise, x: Array, sigmas: Array, key: Array | None,
         final_zero: bool) -> tuple[Array, Array]:
-    """Run ``sampler`` over the grid ``sigmas`` (traceable; call inside jit). Returns (x at the last level, nfe)."""
-    if sampler.adaptive:
-        sigma_end = sigmas[-2] if final_zero else sigmas[-1]
-        x_end, x0_end, nfe = sampler.solve(denoise, x, sigmas[0], sigma_end)
-        return (x0_end if final_zero else x_end), nfe
-    scanned = sigmas.shape[0] - 1 - int(final_zero)
-    state = sampler.init_state(x, sigmas)
-    base = sub_key(key, 1) if key is not None else None
-
-    def body(carry: tuple[Array, Any], index: Array) -> tuple[tuple[Array, Any], None]:
-        x, state = carry
-        step_key = sub_key(base, index) if base is not None else None
-        return sampler.step(denoise, x, state, sigmas[index], sigmas[index + 1], step_key), None
-
-    (x, state), _ = jax.lax.scan(body, (x, state), jnp.arange(scanned))
-    if final_zero:
-        x = sampler.final_step(denoise, x, state, sigmas[scanned], sub_key(base, scanned) if base is not None else None)
-    return x, jnp.asarray(nfe_of(sampler, sigmas.shape[0], final_zero), jnp.int32)
+    """Run ``sampler`` over the grid ``sigmas`` (traceable; call inside jit): its own loop, ``Sampler.run``.
+    Returns (x at the last level, nfe)."""
+    return sampler.run(denoise, x, sigmas, key, final_zero)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,12 +98,10 @@ def _resolve_sampler(sampler: str | Sampler, options: dict[str, Any]) -> Sampler
 
 
 def _make_grid(grid: str | Any, steps: int, schedule: NoiseSchedule | None, sigma_min: float | None,
-               sigma_max: float | None, rho: float, grid_options: dict[str, Any] | None) -> np.ndarray:
+               sigma_max: float | None, rho: float | None, grid_options: dict[str, Any] | None) -> np.ndarray:
     if not isinstance(grid, str):
         return timesteps.validate(grid)
-    options = dict(grid_options or {})
-    if grid == "karras":
-        options.setdefault("rho", rho)
+    options = {**({} if rho is None else {"rho": rho}), **(grid_options or {})}
     try:
         frozen_options = tuple(sorted(options.items()))
         hash(frozen_options)
@@ -152,7 +129,7 @@ def _check_keys(sampler: Sampler, key: Array | None, sample_keys: Array | None) 
 
 def sample(denoise: Callable[..., Array], noise: Array, sampler: str | Sampler = DEFAULT_SAMPLER, steps: int = 10,
            grid: str | Any = DEFAULT_GRID, sigma_min: float | None = None, sigma_max: float | None = None,
-           rho: float = 7.0, key: Array | None = None, schedule: NoiseSchedule | None = None, cond: Any = None,
+           rho: float | None = None, key: Array | None = None, schedule: NoiseSchedule | None = None, cond: Any = None,
            sample_keys: Array | None = None, grid_options: dict[str, Any] | None = None,
            **sampler_options: Any) -> tuple[Array, Array]:
     """Sample with a plain denoiser; returns (samples, nfe).
@@ -160,7 +137,8 @@ def sample(denoise: Callable[..., Array], noise: Array, sampler: str | Sampler =
     With ``schedule=None`` (a ve schedule, alpha = 1), ``denoise(x, sigma) -> x0_hat`` (``denoise(x, sigma, cond)``
     when ``cond`` is given) with sigma of shape (B,); s_min / s_max default to 0.002 / 80. With a schedule,
     ``denoise(x_t, t, cond)`` works in its native time. ``noise`` is unit Gaussian: the start is x~ = s_0 noise.
-    ``grid`` is a grid name (``flaxdiff.timesteps``) or an array of decreasing sigma ratios.
+    ``grid`` is a grid name (``flaxdiff.timesteps``) or an array of decreasing sigma ratios; ``grid_options`` are
+    the grid's own options (``rho=`` is short for ``grid_options={"rho": ...}``, the karras exponent).
     """
     sampler_obj = _resolve_sampler(sampler, sampler_options)
     sigmas = _make_grid(grid, steps, schedule, sigma_min, sigma_max, rho, grid_options)
@@ -188,7 +166,7 @@ def sample_model(apply_fn: ApplyFn, params: Any, schedule: NoiseSchedule | str, 
                  null_cond: Any = None, guidance_interval: tuple[float, float] | None = None,
                  key: Array | None = None, init_image: Array | None = None, strength: float | None = None,
                  sample_keys: Array | None = None, shape: tuple[int, ...] | None = None,
-                 sigma_min: float | None = None, sigma_max: float | None = None, rho: float = 7.0,
+                 sigma_min: float | None = None, sigma_max: float | None = None, rho: float | None = None,
                  grid_options: dict[str, Any] | None = None, **sampler_options: Any) -> tuple[Array, Array]:
     """Sample from a network ``apply_fn(params, x_in, c_noise, cond) -> F``; returns (samples, nfe).
 

@@ -24,10 +24,14 @@ __all__ = ["Euler", "Heun", "RK4", "DPM2"]
 
 @dataclasses.dataclass(frozen=True)
 class _Churn(Sampler):
+    """EDM's stochastic churn (module docstring); s_churn = 0 is the plain ODE solver."""
+
     s_churn: float = 0.0
     s_tmin: float = 0.0
     s_tmax: float = math.inf
     s_noise: float = 1.0
+
+    stochastic_options = ({"s_churn": 10.0},)
 
     def __post_init__(self) -> None:
         if not self.s_churn >= 0:
@@ -61,6 +65,7 @@ class Euler(_Churn):
     """Euler: x' = x + (s' - s_hat) d,  d = (x - D(x, s_hat)) / s_hat. First order, 1 NFE per step."""
 
     name = "euler"
+    order = 1
 
     def step(self, denoise: Denoise, x: Array, state: Any, sigma: Array, sigma_next: Array,
              key: Array | None) -> tuple[Array, Any]:
@@ -78,6 +83,7 @@ class Heun(_Churn):
 
     name = "heun"
     nfe_per_step = 2
+    order = 2
 
     def step(self, denoise: Denoise, x: Array, state: Any, sigma: Array, sigma_next: Array,
              key: Array | None) -> tuple[Array, Any]:
@@ -99,6 +105,7 @@ class RK4(Sampler):
 
     name = "rk4"
     nfe_per_step = 4
+    order = 4
 
     def step(self, denoise: Denoise, x: Array, state: Any, sigma: Array, sigma_next: Array,
              key: Array | None) -> tuple[Array, Any]:
@@ -123,6 +130,7 @@ class DPM2(Sampler):
 
     name = "dpm_2"
     nfe_per_step = 2
+    order = 2
 
     def step(self, denoise: Denoise, x: Array, state: Any, sigma: Array, sigma_next: Array,
              key: Array | None) -> tuple[Array, Any]:
