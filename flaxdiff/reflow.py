@@ -38,14 +38,9 @@ __all__ = ["PairSource", "ReflowTrainer", "evaluate_steps", "flow_time_grid", "g
 
 
 def flow_time_grid(steps: int) -> np.ndarray:
-    """Sigma ratios s_i = t_i / (1 - t_i) for t_i = 1 - i / steps (s_0 = SIGMA_RATIO_CAP, s_steps = 0)."""
-    if steps < 1:
-        raise ValueError(f"steps={steps} must be >= 1")
-    t = 1.0 - np.arange(steps + 1, dtype=np.float64) / steps
-    sigmas = np.empty_like(t)
-    sigmas[0] = timesteps.SIGMA_RATIO_CAP
-    sigmas[1:] = t[1:] / (1.0 - t[1:])
-    return sigmas
+    """Sigma ratios s_i = t_i / (1 - t_i) for t_i = 1 - i / steps (s_0 = SIGMA_RATIO_CAP, s_steps = 0): the
+    registered ``flow_time`` grid."""
+    return timesteps.get("flow_time", steps, sigma_max=timesteps.SIGMA_RATIO_CAP)
 
 
 def generate_pairs(pipe: Any, num_pairs: int, key: Array, sampler: str = "euler", steps: int = 20,

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxdiff.registry import Registry
+from flaxdiff.registry import Registry, to_config
 
 Array = jax.Array
 
@@ -90,8 +90,7 @@ class NoiseSchedule:
 
     def to_config(self) -> dict[str, Any]:
         """A JSON-serialisable dict from which ``from_config`` rebuilds this schedule exactly."""
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in self._implied}
-        return {"name": self.name, **fields}
+        return to_config(self, exclude=self._implied)
 
     _implied: ClassVar[tuple[str, ...]] = ()
 
