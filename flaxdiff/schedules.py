@@ -129,9 +129,10 @@ class DiscreteVPSchedule(NoiseSchedule):
     t = i / T, continuous, strictly monotone and exactly invertible; alpha = sqrt(alpha_bar),
     sigma = sqrt(1 - alpha_bar).
 
-    kind: "linear" (DDPM: betas linear in [beta_start, beta_end]), "cosine" (Nichol & Dhariwal 2021: alpha_bar(t) =
-    cos^2(pi/2 (t + s) / (1 + s)) normalised, betas capped at max_beta), "sqrt" (Li et al. 2022: alpha_bar(t) =
-    1 - sqrt(t + s), betas capped at max_beta), "exp" (betas geometric from beta_start to beta_end).
+    kind: "linear" (DDPM: betas linear in [beta_start, beta_end]), "scaled_linear" (Stable Diffusion: sqrt(beta)
+    linear in [sqrt(beta_start), sqrt(beta_end)]; SD uses 0.00085 .. 0.012), "cosine" (Nichol & Dhariwal 2021:
+    alpha_bar(t) = cos^2(pi/2 (t + s) / (1 + s)) normalised, betas capped at max_beta), "sqrt" (Li et al. 2022:
+    alpha_bar(t) = 1 - sqrt(t + s), betas capped at max_beta), "exp" (betas geometric from beta_start to beta_end).
     zero_terminal_snr: rescale the betas so that alpha_bar_T = 0 (Lin et al. 2023).
     """
 
@@ -145,7 +146,7 @@ class DiscreteVPSchedule(NoiseSchedule):
 
     variance_preserving: ClassVar[bool] = True
     _implied: ClassVar[tuple[str, ...]] = ("kind",)
-    kinds: ClassVar[tuple[str, ...]] = ("linear", "cosine", "sqrt", "exp")
+    kinds: ClassVar[tuple[str, ...]] = ("linear", "scaled_linear", "cosine", "sqrt", "exp")
 
     @property
     def name(self) -> str:  # type: ignore[override]
@@ -159,7 +160,7 @@ class DiscreteVPSchedule(NoiseSchedule):
         _check_unit_interval("beta_start", self.beta_start)
         _check_unit_interval("beta_end", self.beta_end)
         _check_unit_interval("max_beta", self.max_beta)
-        if self.kind in ("linear", "exp") and self.beta_start > self.beta_end:
+        if self.kind in ("linear", "scaled_linear", "exp") and self.beta_start > self.beta_end:
             raise ValueError(f"beta_start={self.beta_start!r} must not exceed beta_end={self.beta_end!r}")
         if self.offset < 0:
             raise ValueError(f"offset={self.offset!r} must be >= 0")
@@ -177,6 +178,8 @@ class DiscreteVPSchedule(NoiseSchedule):
         T = self.num_timesteps
         if self.kind == "linear":
             betas = np.linspace(self.beta_start, self.beta_end, T, dtype=np.float64)
+        elif self.kind == "scaled_linear":
+            betas = np.linspace(math.sqrt(self.beta_start), math.sqrt(self.beta_end), T, dtype=np.float64) ** 2
         elif self.kind == "exp":
             betas = np.exp(np.linspace(math.log(self.beta_start), math.log(self.beta_end), T, dtype=np.float64))
         elif self.kind == "cosine":
