@@ -464,3 +464,34 @@ def test_encoding_shards_rows_over_the_mesh(clip_dirs):
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["devices"] == 2 and report["text_sharding_devices"] == 2
     assert report["rows"] == 3 and report["max_diff"] <= TOL
+
+
+def test_caption_run_with_a_pretrained_clip_trains_and_samples(clip_dirs, tmp_path, capsys):
+    """training.py --captions mnist --text-encoder DIR (a tiny random CLIPTextModel), then flaxdiff sample --prompts."""
+    from conftest import TINY_TRAINING_ARGS
+
+    root = Path(__file__).resolve().parents[1]
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    import training
+    from flaxdiff import cli
+    from flaxdiff.pipeline import Pipeline
+
+    directory, model = clip_dirs["plain"]
+    workdir = tmp_path / "run"
+    assert training.main([*TINY_TRAINING_ARGS, "--image-size", "8", "--captions", "mnist", "--text-encoder",
+                          str(directory), "--workdir", str(workdir)]) == 0
+    pipe = Pipeline.from_pretrained(workdir)
+    assert pipe.text.kind == "clip"  # the run's copy of the encoder, loaded back frozen
+    cond = pipe.text.encode(["the number 3"])
+    ids, _ = pipe.text.tokenize(["the number 3"])
+    with torch.no_grad():
+        reference = model(torch.tensor(ids, dtype=torch.long)).last_hidden_state
+    assert _max_diff(cond["text"], reference) <= TOL
+    out = tmp_path / "grid.png"
+    capsys.readouterr()
+    code = cli.main(["sample", str(workdir), "--prompts", "the number 3", "a handwritten digit five",
+                     "--per-class", "1", "--steps", "2", "--sampler", "euler", "--out", str(out)])
+    assert code == 0 and out.is_file()
+    result = json.loads(capsys.readouterr().out)
+    assert result["images"] == 2 and result["rows"] == 2
