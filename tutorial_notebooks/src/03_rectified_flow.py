@@ -21,10 +21,9 @@ import jax
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
-import optax
 
-from flaxdiff import losses, models, predictors, samplers, schedules
-from flaxdiff.training import DiffusionTrainer, TrainConfig
+from flaxdiff import losses, models, objectives, predictors, samplers, schedules
+from flaxdiff.training import DiffusionTrainer, TrainConfig, Trainer
 from tutorial_utils import FAST_DIT, MLPDenoiser, batches, fit, image_dataset, mmd, pick, ring_of_gaussians, scatter, \
     setup_plots, show_grids, smooth
 
@@ -76,8 +75,8 @@ paths_1 = euler_paths(flow_1, noise_2d[:300], 50)
 #    $x_t = (1-t)\hat x_0 + t\varepsilon$ is the *paired* $\varepsilon$, not a fresh draw:
 #    $\ \mathcal L = \mathbb E_t \| v_\theta(x_t, t) - (\varepsilon - \hat x_0) \|^2$.
 #
-# `losses.diffusion_loss` draws its own noise, so the paired loss is written here from the same building blocks:
-# `noise_level`, the predictor's `network_input` / `c_noise` / `target`, the weighting and the time sampler.
+# That is `objectives.ReflowLoss`: `losses.diffusion_loss` with the noise taken from the batch's `"noise"` entry
+# instead of a fresh draw. The trainer is given that loss, and starts from flow 1's params.
 
 # %%
 def generate_pairs(apply, params, count, shape, key, batch=1000):
@@ -91,40 +90,20 @@ def generate_pairs(apply, params, count, shape, key, batch=1000):
     return np.concatenate(noises), np.concatenate(samples)
 
 
-def paired_loss(apply, params, x0, eps, key):
-    t = time_sampler.sample(key, x0.shape[0], schedule)
-    level = predictors.noise_level(schedule, t)
-    shape = (-1,) + (1,) * (x0.ndim - 1)
-    x_t = level.alpha.reshape(shape) * x0 + level.sigma.reshape(shape) * eps
-    output = apply(params, velocity.network_input(x_t, level), velocity.c_noise(level), None)
-    mse = jnp.mean((output - velocity.target(x0, eps, level)) ** 2, axis=tuple(range(1, x0.ndim)))
-    return jnp.mean(weighting(level, velocity) * mse)
-
-
-def reflow(apply, params, noises, samples, steps, batch_size, learning_rate):
-    optimizer = optax.adam(optax.cosine_decay_schedule(learning_rate, steps))
-    opt_state = optimizer.init(params)
-
-    @jax.jit
-    def step(params, opt_state, x0, eps, key):
-        loss, grads = jax.value_and_grad(lambda p: paired_loss(apply, p, x0, eps, key))(params)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    data_iter = batches({"x0": samples, "eps": noises}, batch_size, seed=1)
-    history = []
-    for index in range(steps):
-        batch = next(data_iter)
-        params, opt_state, loss = step(params, opt_state, batch["x0"], batch["eps"], jax.random.PRNGKey(index))
-        history.append(loss)
-    history = np.asarray(jax.device_get(history))
-    print(f"reflow: {steps} steps, loss {history[:max(1, steps // 10)].mean():.4f} -> "
-          f"{history[-max(1, steps // 10):].mean():.4f}")
-    return params, history
+def reflow(model, params, noises, samples, steps, batch_size, learning_rate):
+    config = TrainConfig(learning_rate=learning_rate, optimizer="adam", lr_decay="cosine", grad_clip=0.0,
+                         ema_decay=0.0, total_steps=steps)
+    loss = objectives.ReflowLoss(schedule, velocity, weighting, time_sampler)
+    trainer = Trainer(model, train_config=config, loss=loss,
+                      example_batch={"image": samples[:batch_size], "noise": noises[:batch_size]})
+    start = jax.tree.map(jnp.copy, params)       # the train step donates its state; keep flow 1's params intact
+    trainer.state = trainer.init().replace(params=start, ema_params=jax.tree.map(jnp.copy, start))
+    history = fit(trainer, batches({"image": samples, "noise": noises}, batch_size, seed=1), steps)
+    return trainer.state.params, history
 
 
 noises_2d, samples_2d = generate_pairs(apply_2d, flow_1, pick(20000, 2000), (2,), jax.random.PRNGKey(2))
-flow_2, history_2d = reflow(apply_2d, flow_1, noises_2d, samples_2d, pick(2000, 100), 512, 1e-3)
+flow_2, history_2d = reflow(MLPDenoiser(), flow_1, noises_2d, samples_2d, pick(2000, 100), 512, 1e-3)
 paths_2 = euler_paths(flow_2, noise_2d[:300], 50)
 
 fig, axes = plt.subplots(1, 2, figsize=(8, 3.6))
@@ -175,7 +154,7 @@ apply_img, image_flow_1 = trainer.apply_fn(False), trainer.state.ema_params
 
 noises_img, samples_img = generate_pairs(apply_img, image_flow_1, pick(4000, 256), (size, size, 1),
                                          jax.random.PRNGKey(3), batch=pick(1000, 256))
-image_flow_2, history_img = reflow(apply_img, image_flow_1, noises_img, samples_img, pick(1500, 20), 64, 3e-4)
+image_flow_2, history_img = reflow(model, image_flow_1, noises_img, samples_img, pick(1500, 20), 64, 3e-4)
 
 plt.figure(figsize=(5, 2.4))
 plt.plot(smooth(loss_img), label="flow 1 (fresh noise)")

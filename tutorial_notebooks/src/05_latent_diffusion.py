@@ -13,11 +13,10 @@ import jax
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
-import optax
 
-from flaxdiff import losses, models, predictors, samplers, schedules
-from flaxdiff.models import AutoencoderKL, kl_divergence, scale_latents, unscale_latents
-from flaxdiff.training import DiffusionTrainer, TrainConfig
+from flaxdiff import losses, models, objectives, predictors, samplers, schedules
+from flaxdiff.models import AutoencoderKL, scale_latents, unscale_latents
+from flaxdiff.training import DiffusionTrainer, TrainConfig, Trainer
 from tutorial_utils import FAST_DIT, batches, fit, image_dataset, pick, setup_plots, show_grid, show_grids
 
 setup_plots()
@@ -38,33 +37,20 @@ setup_plots()
 size, dataset = pick((16, "mnist"), (8, "digits"))
 images, labels = image_dataset(dataset, size)
 vae = models.get("autoencoder-tiny")
-vae_params = vae.init({"params": jax.random.PRNGKey(0), "sample": jax.random.PRNGKey(1)}, images[:2])["params"]
 beta = 1e-3
 vae_steps = pick(1200, 20)
-optimizer = optax.adam(optax.warmup_cosine_decay_schedule(0.0, 2e-3, min(100, vae_steps // 2), vae_steps))
-opt_state = optimizer.init(vae_params)
-
-
-def vae_loss(params, x, key):
-    recon, mean, logvar = vae.apply({"params": params}, x, rngs={"sample": key})
-    rec = jnp.sum((recon - x) ** 2, axis=(1, 2, 3))
-    kl = kl_divergence(mean, logvar)
-    return jnp.mean(rec + beta * kl), (jnp.mean(rec), jnp.mean(kl))
-
-
-@jax.jit
-def vae_step(params, opt_state, x, key):
-    (loss, parts), grads = jax.value_and_grad(vae_loss, has_aux=True)(params, x, key)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, parts
-
-
+# objectives.AutoencoderLoss is this loss divided by the D = H W C pixels (||x - Dec(z)||^2 / D + beta KL / D, the
+# same optimum); the one trainer that trains the diffusion models below trains the VAE too (Adam, no EMA).
+vae_config = TrainConfig(learning_rate=2e-3, optimizer="adam", warmup_steps=min(100, vae_steps // 2),
+                         lr_decay="cosine", grad_clip=0.0, ema_decay=0.0, total_steps=vae_steps)
+vae_trainer = Trainer(vae, train_config=vae_config, example_batch={"image": images[:32]},
+                      loss=objectives.AutoencoderLoss(kl_weight=beta))
+vae_trainer.init()
 data_iter = batches({"image": images}, 32)
-history = []
-for step in range(vae_steps):
-    vae_params, opt_state, parts = vae_step(vae_params, opt_state, next(data_iter)["image"], jax.random.PRNGKey(step))
-    history.append(parts)
-history = np.asarray(jax.device_get(history))
+parts = jax.device_get([vae_trainer.train_step(next(data_iter)) for _ in range(vae_steps)])
+pixels = np.prod(images.shape[1:])
+history = np.asarray([[p["mse"] * pixels, p["kl"] * pixels] for p in parts])   # per image: sum of squares, nats
+vae_params = vae_trainer.state.params
 print(f"VAE: {vae_steps} steps; reconstruction error {history[:10, 0].mean():.2f} -> {history[-10:, 0].mean():.2f},"
       f" KL {history[-10:, 1].mean():.1f} nats per image")
 
