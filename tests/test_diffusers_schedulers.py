@@ -23,7 +23,7 @@ def torch_network(x, timestep):
     return torch.tanh(0.8 * x) + 0.3 * torch.sin(0.004 * timestep.float() + torch.from_numpy(CHANNEL))
 
 
-def jax_network(x, timesteps, cond):
+def jax_network(params, x, timesteps, cond):
     return jnp.tanh(0.8 * x) + 0.3 * jnp.sin(0.004 * timesteps.reshape(-1, 1, 1, 1) + jnp.asarray(CHANNEL))
 
 

@@ -326,66 +326,82 @@ def _rescale_zero_snr_float32(betas: np.ndarray) -> np.ndarray:
     return (1.0 - alphas).astype(np.float32)
 
 
-def make_denoiser(model_fn: ModelFn, scheduler: DiffusersScheduler, grid: DiffusersGrid
-                  ) -> Callable[[Array, Array, Any], Array]:
-    """D(x~, s, cond) -> x0_hat in VE coordinates for a network in diffusers' convention.
+def make_denoiser(model_fn: ModelFn, scheduler: DiffusersScheduler, grid: DiffusersGrid, guided: bool = False,
+                  guidance_interval: tuple[float, float] | None = None) -> Callable[[Array, Array, Any], Array]:
+    """D(x~, s, aux) -> x0_hat in VE coordinates for a network in diffusers' convention, aux = (params, cond,
+    null_cond, guidance scale) (traced, so params are never baked into the compiled program).
 
-    x_t = alpha x~ with alpha = 1 / sqrt(1 + s^2); F = model_fn(x_t, k(s), cond) with k(s) the grid's timestep for
-    grid levels and :func:`sigma_to_timestep` otherwise;  epsilon: x0 = x~ - s F;  v: x0 = alpha (x_t - s F)
-    (= alpha x_t - sigma F with sigma = s alpha);
-    sample: x0 = F.
+    x_t = alpha x~ with alpha = 1 / sqrt(1 + s^2); F = model_fn(params, x_t, k(s), cond) with k(s) the grid's
+    timestep for grid levels and :func:`sigma_to_timestep` otherwise;  epsilon: x0 = x~ - s F;
+    v: x0 = alpha (x_t - s F) (= alpha x_t - sigma F with sigma = s alpha);  sample: x0 = F.
+    guided: one batched forward of [cond; null_cond] rows, x0 = x0_u + w(s) (x0_c - x0_u), w(s) = scale inside
+    ``guidance_interval`` (in s) and 1 outside (``flaxdiff.guidance``). Guiding x0 is guiding F: x0 is affine in F.
     """
+    guidance_lib.check_interval(guidance_interval)
     table = scheduler.sigma_table().astype(np.float64)
-    finite = np.isfinite(table)
-    log_table = jnp.asarray(np.log(table[finite]), jnp.float32)
+    log_table = jnp.asarray(np.log(table[np.isfinite(table)]), jnp.float32)
     grid_levels = jnp.asarray(grid.sigmas[:grid.timesteps.shape[0]], jnp.float32)
     grid_steps = jnp.asarray(grid.timesteps, jnp.float32)
     prediction = scheduler.prediction_type
 
-    def denoise(x: Array, sigma: Array, cond: Any = None) -> Array:
-        sigma = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), (x.shape[0],))
+    def x0_of(params: Any, x: Array, sigma: Array, cond: Any) -> Array:
         match = sigma[:, None] == grid_levels[None, :]
         timestep = jnp.where(jnp.any(match, axis=1), jnp.sum(jnp.where(match, grid_steps[None, :], 0.0), axis=1),
                              sigma_to_timestep(sigma, log_table))
         s = sigma.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype)
         alpha = jax.lax.rsqrt(1.0 + s * s)
         x_t = alpha * x
-        output = model_fn(x_t, timestep, cond).astype(x.dtype)
+        output = model_fn(params, x_t, timestep, cond).astype(x.dtype)
         if prediction == "epsilon":
             return x - s * output
         if prediction == "v_prediction":
             return alpha * (x_t - s * output)
         return output
 
+    def denoise(x: Array, sigma: Array, aux: Any) -> Array:
+        params, cond, null_cond, scale = aux
+        batch = x.shape[0]
+        sigma = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), (batch,))
+        if not guided:
+            return x0_of(params, x, sigma, cond)
+        both = jax.tree_util.tree_map(
+            lambda c, n: jnp.concatenate([jnp.asarray(c), jnp.broadcast_to(jnp.asarray(n, jnp.asarray(c).dtype),
+                                                                           jnp.shape(c))], axis=0), cond, null_cond)
+        x0_both = x0_of(params, jnp.concatenate([x, x], axis=0), jnp.concatenate([sigma, sigma], axis=0), both)
+        weight = guidance_lib.guidance_weight(sigma, scale, guidance_interval)
+        return guidance_lib.combine(x0_both[:batch], x0_both[batch:], weight)
+
     return denoise
 
 
 def sample(model_fn: ModelFn, scheduler: DiffusersScheduler, noise: Array, steps: int, cond: Any,
-           sampler: str | samplers_lib.Sampler | None = None, grid: str | DiffusersGrid | None = None,
-           key: Array | None = None, sample_keys: Array | None = None, guidance_scale: float | None = None,
-           null_cond: Any = None, guidance_interval: tuple[float, float] | None = None,
-           grid_options: Mapping[str, Any] | None = None, **sampler_options: Any) -> Array:
+           params: Any = None, sampler: str | samplers_lib.Sampler | None = None,
+           grid: str | DiffusersGrid | None = None, key: Array | None = None, sample_keys: Array | None = None,
+           guidance_scale: float | None = None, null_cond: Any = None,
+           guidance_interval: tuple[float, float] | None = None, grid_options: Mapping[str, Any] | None = None,
+           denoiser: Callable[[Array, Array, Any], Array] | None = None, **sampler_options: Any) -> Array:
     """Run the diffusers sampling loop with a flaxdiff sampler; returns the latents diffusers would return.
 
-    noise: unit Gaussian x_T; sampler: a registered sampler (default: ``scheduler.sampler``); grid: None (the
-    scheduler's own levels), a flaxdiff grid name, or a :class:`DiffusersGrid`. Classifier-free guidance
-    x0 = x0_u + w (x0_c - x0_u) with ``null_cond`` (e.g. the negative-prompt embeddings), optionally only for s in
-    ``guidance_interval``.
+    model_fn(params, x_t, timesteps, cond) -> F; noise: unit Gaussian x_T; sampler: a registered sampler (default
+    ``scheduler.sampler``); grid: None (the scheduler's own levels), a flaxdiff grid name, or a
+    :class:`DiffusersGrid`. Classifier-free guidance with ``null_cond`` (e.g. the negative-prompt embeddings),
+    optionally only for s in ``guidance_interval``. ``denoiser``: a cached :func:`make_denoiser` result for this
+    grid (the compiled program is reused when the same object is passed again).
     """
     if grid is None:
         grid = scheduler.grid(steps)
     elif isinstance(grid, str):
         grid = scheduler.named_grid(grid, steps, **dict(grid_options or {}))
-    denoise = make_denoiser(model_fn, scheduler, grid)
-    if guidance_scale is not None:
-        if null_cond is None:
-            raise ValueError("guidance_scale needs null_cond (the unconditional / negative-prompt conditioning)")
-        denoise = guidance_lib.guided_denoiser(denoise, guidance_scale, null_cond, guidance_interval)
+    guided = guidance_scale is not None
+    if guided and null_cond is None:
+        raise ValueError("guidance_scale needs null_cond (the unconditional / negative-prompt conditioning)")
+    if denoiser is None:
+        denoiser = make_denoiser(model_fn, scheduler, grid, guided, guidance_interval)
     noise = jnp.asarray(noise, jnp.float32)
     scaled = noise * jnp.float32(grid.start_scale / grid.sigmas[0])
-    x, _ = samplers_lib.sample(denoise, scaled, sampler=scheduler.sampler if sampler is None else sampler,
-                               grid=grid.sigmas, cond={} if cond is None else cond, key=key,
-                               sample_keys=sample_keys, **sampler_options)
+    aux = (params, {} if cond is None else cond, null_cond, None if not guided else jnp.float32(guidance_scale))
+    x, _ = samplers_lib.sample(denoiser, scaled, sampler=scheduler.sampler if sampler is None else sampler,
+                               grid=grid.sigmas, cond=aux, key=key, sample_keys=sample_keys, **sampler_options)
     last = float(grid.sigmas[-1])
     if last > 0 and grid.native_output:
         x = x * jnp.float32(1.0 / math.sqrt(1.0 + last * last))
