@@ -6,6 +6,8 @@
     batch = next(it)           # {"image": (64, 32, 32, 1) float32 in [-1, 1], "label": (64,) int32}
     state = it.get_state()     # checkpoint the position; it.set_state(state) resumes
 """
+from flaxdiff.data.checks import check_finite
+from flaxdiff.data.arrayrecord import ArrayRecordSource, is_converted_dir, read_manifest
 from flaxdiff.data.pipeline import make_loader, shard_options
 from flaxdiff.data.sources import (
     SPLIT_SEED,
@@ -29,8 +31,9 @@ from flaxdiff.data.transforms import (
 )
 
 __all__ = [
+    "ArrayRecordSource", "is_converted_dir", "read_manifest",
     "SPLIT_SEED", "VALIDATION_FRACTION", "ArraySource", "ImageFolderSource", "TFDSSource",
-    "digits_source", "load_source", "mnist_source", "npz_source", "make_loader", "shard_options",
+    "check_finite", "digits_source", "load_source", "mnist_source", "npz_source", "make_loader", "shard_options",
     "RandomFlip", "ResizeCrop", "ScaleToSymmetric", "TokenizeCaption", "ToChannels",
     "image_transforms", "resize_and_crop",
 ]

@@ -15,6 +15,8 @@ Sources:
 * :func:`digits_source` - scikit-learn's 8x8 ``digits`` (1797 images, 0..16 -> [0, 1] floats).
 * :class:`ImageFolderSource` - ``root/<class name>/<image>``, optional captions.
 * :class:`TFDSSource` - a TFDS dataset prepared as ``array_record`` (``tfds.data_source``).
+* :class:`flaxdiff.data.arrayrecord.ArrayRecordSource` - a directory written by ``flaxdiff data convert`` /
+  ``flaxdiff data encode`` (ArrayRecord shards + ``manifest.json``).
 * :func:`load_source` - one string spec for all of the above (used by the CLI).
 """
 from __future__ import annotations
@@ -403,6 +405,7 @@ def load_source(spec: str, split: str = "train", data_dir: str | os.PathLike | N
     * ``"mnist"`` / ``"digits"`` - bundled sets, ``split`` in ``train|validation|all``;
     * ``"tfds:<name>"`` - :class:`TFDSSource` (``split``, ``data_dir``, ``download``);
     * a path to a ``.npz`` file - :func:`npz_source`;
+    * a directory with a flaxdiff ArrayRecord ``manifest.json`` - :class:`~flaxdiff.data.arrayrecord.ArrayRecordSource`;
     * a path to a directory - :class:`ImageFolderSource`.
 
     Extra keyword arguments go to the chosen constructor.
@@ -415,6 +418,10 @@ def load_source(spec: str, split: str = "train", data_dir: str | os.PathLike | N
     if path.suffix == ".npz":
         return npz_source(path, **kwargs)
     if path.is_dir():
+        from flaxdiff.data import arrayrecord
+
+        if arrayrecord.is_converted_dir(path):
+            return arrayrecord.ArrayRecordSource(path, **kwargs)
         return ImageFolderSource(path, **kwargs)
     raise ValueError(f"dataset {spec!r} is not 'mnist', 'digits', 'tfds:<name>', an existing "
-                     ".npz file or an existing image folder")
+                     ".npz file, an existing image folder or a converted ArrayRecord directory")
