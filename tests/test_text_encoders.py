@@ -311,6 +311,35 @@ def test_openclip_tokenizer_matches_open_clip(openclip_dirs):
     np.testing.assert_array_equal(ours, reference(tm.PROMPTS, context_length=length).numpy())
 
 
+def test_openclip_tokenizer_from_merge_files(openclip_dirs, tmp_path):
+    """Without tokenizer.json / vocab.json, open_clip's gzip merge file is read: the tiny one of the checkpoint dir,
+    and the real 49408-token CLIP vocabulary bundled in the installed open_clip package (which transformers'
+    CLIPTokenizer, given the same vocabulary as vocab.json + merges.txt, also reproduces)."""
+    from transformers import CLIPTokenizer
+
+    simple = sys.modules["open_clip.tokenizer"].SimpleTokenizer
+    directory, _ = openclip_dirs["plain"]
+    shutil.copytree(directory, tmp_path / "gz", ignore=shutil.ignore_patterns("vocab.json", "merges.txt"))
+    length = tm.OPENCLIP_TINY["context_length"]
+    reference = simple(bpe_path=str(directory / "bpe_simple_vocab.txt.gz"), context_length=length)
+    np.testing.assert_array_equal(load_text_encoder(tmp_path / "gz").tokenize(tm.PROMPTS)[0],
+                                  reference(tm.PROMPTS, context_length=length).numpy())
+
+    bundled = text_encoders.tokenizers.openclip_default_bpe()
+    vocab, merges = text_encoders.tokenizers.openclip_vocab(bundled)
+    assert len(vocab) == 49408 and vocab["<|endoftext|>"] == 49407
+    ours = text_encoders.tokenizers.load_tokenizer(tmp_path / "missing", "openclip", 77, pad_id=0)
+    np.testing.assert_array_equal(ours(tm.PROMPTS)[0], simple(context_length=77)(tm.PROMPTS).numpy())
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (tmp_path / "hf" / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges),
+                                                encoding="utf-8")
+    hf = CLIPTokenizer.from_pretrained(str(tmp_path / "hf"))
+    clip_tokenizer = text_encoders.tokenizers.load_tokenizer(tmp_path / "hf", "clip", 77)
+    expected = hf(tm.PROMPTS, padding="max_length", truncation=True, max_length=77)["input_ids"]
+    np.testing.assert_array_equal(clip_tokenizer(tm.PROMPTS)[0], np.asarray(expected))
+
+
 @pytest.mark.parametrize("size", ["ViT-H-14", "ViT-bigG-14"])
 def test_openclip_full_size_layout(size):
     """The text towers of OpenCLIP ViT-H/14 (SD 2.x, MicroDiT's DFN5B-CLIP-ViT-H-14-378) and ViT-bigG/14 (SDXL)."""
@@ -353,6 +382,29 @@ def test_diffusers_pipeline_layout(tmp_path, clip_dirs, t5_dirs):
             np.testing.assert_array_equal(np.asarray(value), np.asarray(expected[key]))
     with pytest.raises(ValueError, match="text_encoder_4 does not exist"):
         load_text_encoder(tmp_path, subfolder="text_encoder_4")
+
+
+def test_full_clip_model_dir_loads_its_text_tower(tmp_path, clip_dirs):
+    """A CLIPModel repo (e.g. openai/clip-vit-large-patch14): text tower + text_projection, vision keys ignored."""
+    from transformers import CLIPConfig, CLIPModel
+
+    directory, _ = clip_dirs["plain"]
+    vocab = json.loads((directory / "vocab.json").read_text())
+    text_config = {key: value for key, value in tm.CLIP_TINY.items() if key != "projection_dim"}
+    text_config.update(vocab_size=len(vocab), eos_token_id=vocab["<|endoftext|>"], bos_token_id=vocab["<|startoftext|>"])
+    torch.manual_seed(3)
+    model = CLIPModel(CLIPConfig(text_config=text_config, projection_dim=tm.CLIP_TINY["projection_dim"],
+                                 vision_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                                                    num_attention_heads=2, image_size=8, patch_size=4))).eval()
+    model.save_pretrained(str(tmp_path))
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(directory / name, tmp_path / name)
+    encoder = load_text_encoder(tmp_path)
+    ids, _ = encoder.tokenize(tm.PROMPTS[:12])
+    with torch.no_grad():
+        expected = model.get_text_features(input_ids=torch.tensor(ids, dtype=torch.long))
+    expected = getattr(expected, "pooler_output", expected)
+    assert _max_diff(encoder.encode(tm.PROMPTS[:12])["pooled"], expected) <= TOL
 
 
 def test_pickle_weights_load_and_malicious_pickles_are_refused(tmp_path, clip_dirs, monkeypatch):

@@ -135,6 +135,7 @@ def import_openclip_transformer() -> object:
         spec = importlib.util.find_spec("open_clip")
         package = types.ModuleType("open_clip")
         package.__path__ = list(spec.submodule_search_locations)
+        package.__spec__ = spec
         sys.modules["open_clip"] = package
     try:
         module = importlib.import_module("open_clip.transformer")

@@ -196,7 +196,7 @@ def config_from_hf(values: Mapping[str, Any], with_projection: bool | None = Non
         text = dict(values.get("text_config") or {})
         if with_projection is None:
             with_projection = True
-        text.setdefault("projection_dim", values.get("projection_dim", _HF_DEFAULTS["projection_dim"]))
+        text["projection_dim"] = values.get("projection_dim", _HF_DEFAULTS["projection_dim"])
         values = text
     elif model_type != "clip_text_model":
         raise ValueError(f"config model_type={model_type!r}; accepted for CLIP: clip_text_model, clip")

@@ -106,15 +106,22 @@ def is_text_encoder_dir(path: str | Path) -> bool:
     return True
 
 
-def _tokenizer_dir(directory: Path) -> Path:
+def _has_tokenizer(directory: Path) -> bool:
+    return any((directory / name).is_file() for name in _TOKENIZER_FILES) or any(
+        directory.glob("bpe_simple_vocab*.txt.gz"))
+
+
+def _tokenizer_dir(directory: Path, kind: str) -> Path:
     """The directory itself when it holds tokenizer files, else the diffusers sibling: text_encoder_2 ->
-    tokenizer_2 (text_encoder -> tokenizer)."""
-    if any((directory / name).is_file() for name in _TOKENIZER_FILES):
+    tokenizer_2 (text_encoder -> tokenizer); an OpenCLIP dir without any falls back to open_clip's bundled BPE."""
+    if _has_tokenizer(directory):
         return directory
     if directory.name.startswith("text_encoder"):
         sibling = directory.parent / ("tokenizer" + directory.name[len("text_encoder"):])
-        if any((sibling / name).is_file() for name in _TOKENIZER_FILES):
+        if _has_tokenizer(sibling):
             return sibling
+    if kind == "openclip":
+        return directory
     raise ValueError(f"no tokenizer for {directory}: expected one of {', '.join(_TOKENIZER_FILES)} there or in the "
                      f"diffusers sibling tokenizer*/ directory")
 
@@ -300,7 +307,7 @@ def load_text_encoder(path: str | Path, dtype: str | None = None, *, subfolder: 
                  if value is not None}
     options = dataclasses.replace(base, **overrides)
     options.resolved(kind, 1)  # validate before reading weights
-    token_dir = _tokenizer_dir(path)
+    token_dir = _tokenizer_dir(path, kind)
     backend = _backend(kind)
     module, params, config = backend.load(path, dtype)
     options = options.resolved(kind, backend.default_length(config, token_dir))

@@ -22,6 +22,7 @@ import html
 import json
 import logging
 import re
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -30,7 +31,8 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BPETokenizer", "SentencePieceTokenizer", "first_eos_mask", "load_tokenizer"]
+__all__ = ["BPETokenizer", "SentencePieceTokenizer", "first_eos_mask", "load_tokenizer", "openclip_clean",
+           "openclip_default_bpe", "openclip_vocab"]
 
 _CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
@@ -54,6 +56,41 @@ def _special_tokens(directory: Path) -> dict[str, Any]:
     for key, value in values.items():
         out[key] = value.get("content") if isinstance(value, dict) else value
     return out
+
+
+def openclip_vocab(path: str | Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """``(vocab, merges)`` of open_clip's merge file (gzip, one merge per line after a header; open_clip reads
+    48894 merges): the 256 byte symbols in ``bytes_to_unicode`` order (= code point order), the same with
+    ``</w>``, one token per merge, then ``<|startoftext|>`` and ``<|endoftext|>`` (49408 for the real file)."""
+    import gzip
+
+    from tokenizers import pre_tokenizers
+
+    with gzip.open(path, "rt", encoding="utf-8") as handle:
+        lines = handle.read().split("\n")[1:49152 - 256 - 2 + 1]
+    merges = [tuple(line.split()) for line in lines]
+    if any(len(merge) != 2 for merge in merges):
+        raise ValueError(f"{path} has a merge line that is not two symbols")
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokens = alphabet + [char + "</w>" for char in alphabet] + ["".join(merge) for merge in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    return {token: index for index, token in enumerate(tokens)}, merges
+
+
+def openclip_default_bpe() -> Path | None:
+    """The merge file shipped inside the installed ``open_clip`` package (found without importing it), or None."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("open_clip")
+    except ValueError:  # an already imported open_clip module without __spec__
+        spec = None
+    module = sys.modules.get("open_clip")
+    locations = list(getattr(module, "__path__", None) or (spec.submodule_search_locations if spec else None) or [])
+    if not locations:
+        return None
+    path = Path(locations[0]) / "bpe_simple_vocab_16e6.txt.gz"
+    return path if path.is_file() else None
 
 
 def openclip_clean(text: str) -> str:
@@ -98,14 +135,18 @@ class BPETokenizer:
         eos = special.get("eos_token") or "<|endoftext|>"
         unk = special.get("unk_token") or "<|endoftext|>"
         pad = special.get("pad_token") or "<|endoftext|>"
+        gz_files = sorted(directory.glob("bpe_simple_vocab*.txt.gz"))
         if (directory / "tokenizer.json").is_file():
             tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
             tokenizer.no_padding()
             tokenizer.no_truncation()
-        elif (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file():
-            vocab = json.loads((directory / "vocab.json").read_text(encoding="utf-8"))
-            lines = (directory / "merges.txt").read_text(encoding="utf-8").split("\n")
-            merges = [tuple(line.split()) for line in lines if line.strip() and not line.startswith("#version")]
+        elif (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file() or gz_files:
+            if (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file():
+                vocab = json.loads((directory / "vocab.json").read_text(encoding="utf-8"))
+                lines = (directory / "merges.txt").read_text(encoding="utf-8").split("\n")
+                merges = [tuple(line.split()) for line in lines if line.strip() and not line.startswith("#version")]
+            else:
+                vocab, merges = openclip_vocab(gz_files[0])
             tokenizer = Tokenizer(BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
                                       end_of_word_suffix="</w>", fuse_unk=False, unk_token=unk))
             tokenizer.normalizer = normalizers.Sequence(
@@ -116,7 +157,8 @@ class BPETokenizer:
             tokenizer.decoder = decoders.ByteLevel()
             tokenizer.add_special_tokens(list(dict.fromkeys([bos, eos, unk, pad])))
         else:
-            raise ValueError(f"no CLIP tokenizer in {directory}: expected tokenizer.json or vocab.json + merges.txt")
+            raise ValueError(f"no CLIP tokenizer in {directory}: expected tokenizer.json, vocab.json + merges.txt or "
+                             f"open_clip's bpe_simple_vocab_16e6.txt.gz")
         ids = {name: tokenizer.token_to_id(token) for name, token in (("bos", bos), ("eos", eos), ("pad", pad))}
         missing = [f"{name} {token!r}" for (name, token) in (("bos", bos), ("eos", eos), ("pad", pad))
                    if ids[name] is None]
@@ -219,6 +261,14 @@ class SentencePieceTokenizer:
 
 def load_tokenizer(directory: str | Path, kind: str, max_length: int, pad_id: int | None = None) -> Any:
     """The tokenizer of ``kind`` ("clip", "openclip": BPE; "t5": sentencepiece) from ``directory``."""
+    if kind == "openclip" and not any(any(Path(directory).glob(pattern)) for pattern in (
+            "tokenizer.json", "vocab.json", "bpe_simple_vocab*.txt.gz")):
+        default = openclip_default_bpe()
+        if default is None:
+            raise ValueError(f"no tokenizer files in {directory} and open_clip is not installed; copy open_clip's "
+                             f"bpe_simple_vocab_16e6.txt.gz (or the model's tokenizer.json) there")
+        logger.info("OpenCLIP tokenizer: using open_clip's bundled %s", default)
+        directory = default.parent
     if kind in ("clip", "openclip"):
         return BPETokenizer.from_dir(directory, max_length, pad_id=pad_id,
                                      clean="openclip" if kind == "openclip" else "none")
