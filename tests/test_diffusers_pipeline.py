@@ -1,0 +1,186 @@
+"""Whole diffusers pipelines in JAX: tiny random StableDiffusionPipeline, StableDiffusionXLPipeline and DiTPipeline
+directories built in torch, loaded by flaxdiff, and sampled to the same images as diffusers from the same latents."""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from helpers import text_models as tm  # noqa: E402
+
+from flaxdiff.interop.diffusers_pipeline import DiffusersPipeline  # noqa: E402
+
+SD_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                    clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
+TINY_VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                norm_num_groups=4, layers_per_block=1, sample_size=16)
+STEPS = 6
+
+
+def _randomise(model, seed):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    return model.eval()
+
+
+def _tokenizer(directory, vocab):
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"),
+                         model_max_length=tm.CLIP_TINY["max_position_embeddings"], pad_token="<|endoftext|>")
+
+
+def _text_parts(root, projection):
+    words = root / "words"
+    vocab = tm.write_clip_tokenizer(words)
+    model = tm.write_clip_model(root / "clip_ref", vocab, projection=projection, hidden_act="gelu")
+    return model, _tokenizer(words, vocab)
+
+
+def _unet(**overrides):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    config = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+                  norm_num_groups=4, cross_attention_dim=32, attention_head_dim=2,
+                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    config.update(overrides)
+    return _randomise(UNet2DConditionModel(**config), 1)
+
+
+def _vae():
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return _randomise(AutoencoderKL(**TINY_VAE), 2)
+
+
+@pytest.fixture(scope="module")
+def sd_dir(tmp_path_factory):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    root = tmp_path_factory.mktemp("sd")
+    text_encoder, tokenizer = _text_parts(root, projection=False)
+    pipe = StableDiffusionPipeline(vae=_vae(), text_encoder=text_encoder, tokenizer=tokenizer, unet=_unet(),
+                                   scheduler=DDIMScheduler(**SD_SCHEDULER), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(root / "pipe")
+    return root / "pipe"
+
+
+@pytest.fixture(scope="module")
+def sd_pipe(sd_dir):
+    return DiffusersPipeline.from_pretrained(sd_dir)
+
+
+def _latents(count, shape=(4, 8, 8), seed=0):
+    return np.random.RandomState(seed).randn(count, *shape).astype(np.float32)
+
+
+def test_stable_diffusion_matches_diffusers(sd_dir, sd_pipe):
+    from diffusers import StableDiffusionPipeline
+
+    prompts, negative = ["a photo of a cat", "the number 3"], ["a handwritten digit zero", "blurry"]
+    latents = _latents(2)
+    reference = StableDiffusionPipeline.from_pretrained(sd_dir, safety_checker=None, requires_safety_checker=False)
+    with torch.no_grad():
+        expected = reference(prompts, negative_prompt=negative, num_inference_steps=STEPS, guidance_scale=7.5,
+                             latents=torch.from_numpy(latents), output_type="np").images
+    images = sd_pipe.generate(prompts, negative_prompts=negative, steps=STEPS, guidance_scale=7.5,
+                              latents=latents.transpose(0, 2, 3, 1))
+    assert images.shape == expected.shape == (2, 16, 16, 3)
+    np.testing.assert_allclose(images, expected, atol=1e-3, rtol=0)
+    assert expected.std() > 0.01
+
+    # the guidance interval [0, 0] guides no level: the plain conditional model, as diffusers with w = 1
+    with torch.no_grad():
+        unguided = reference(prompts, num_inference_steps=STEPS, guidance_scale=1.0,
+                             latents=torch.from_numpy(latents), output_type="np").images
+    interval = sd_pipe.generate(prompts, steps=STEPS, guidance_scale=7.5, guidance_interval=(0.0, 0.0),
+                                latents=latents.transpose(0, 2, 3, 1))
+    np.testing.assert_allclose(interval, unguided, atol=1e-3, rtol=0)
+    assert np.abs(unguided - expected).max() > 1e-2
+
+
+def test_seeds_are_per_image_and_bfloat16_is_close(sd_dir, sd_pipe):
+    options = dict(steps=STEPS, sampler="euler_ancestral", grid="karras")
+    both = sd_pipe.generate(["a photo of a cat", "a photo of a dog"], seeds=[5, 9], **options)
+    swapped = sd_pipe.generate(["a photo of a dog", "a photo of a cat"], seeds=[9, 5], **options)
+    np.testing.assert_allclose(swapped[::-1], both, atol=1e-5)
+    assert np.abs(both[0] - both[1]).max() > 1e-2
+    half = DiffusersPipeline.from_pretrained(sd_dir, dtype="bfloat16")
+    low = half.generate(["a photo of a cat", "a photo of a dog"], seeds=[5, 9], **options)
+    assert low.dtype == np.float32
+    np.testing.assert_allclose(low, both, atol=0.1)
+    assert np.abs(low - both).max() > 0  # it did compute in bfloat16
+
+
+def test_sdxl_matches_diffusers(tmp_path):
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    encoder_1, tokenizer = _text_parts(tmp_path / "one", projection=False)
+    encoder_2, tokenizer_2 = _text_parts(tmp_path / "two", projection=True)
+    pooled = encoder_2.config.projection_dim
+    unet = _unet(cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=8,
+                 projection_class_embeddings_input_dim=pooled + 6 * 8, transformer_layers_per_block=(1, 2),
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), use_linear_projection=True)
+    scheduler = EulerDiscreteScheduler(**{k: v for k, v in SD_SCHEDULER.items()
+                                          if k not in ("clip_sample", "set_alpha_to_one")})
+    pipe = StableDiffusionXLPipeline(vae=_vae(), text_encoder=encoder_1, text_encoder_2=encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler)
+    pipe.save_pretrained(tmp_path / "pipe")
+    latents = _latents(1, seed=4)
+    with torch.no_grad():
+        expected = pipe(["a photo of a cat"], num_inference_steps=STEPS, guidance_scale=5.0, height=16, width=16,
+                        latents=torch.from_numpy(latents), output_type="np").images
+    ours = DiffusersPipeline.from_pretrained(tmp_path / "pipe")
+    assert ours.kind == "sdxl" and ours.force_zeros_for_empty_prompt and ours.scheduler.sampler == "euler"
+    images = ours.generate(["a photo of a cat"], steps=STEPS, guidance_scale=5.0, height=16, width=16,
+                           latents=latents.transpose(0, 2, 3, 1))
+    np.testing.assert_allclose(images, expected, atol=1e-3, rtol=0)
+
+
+def test_dit_matches_diffusers(tmp_path, monkeypatch):
+    from diffusers import DiTPipeline, DiTTransformer2DModel, DPMSolverMultistepScheduler
+    from diffusers.pipelines.dit import pipeline_dit
+
+    torch.manual_seed(0)
+    transformer = _randomise(DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                                   out_channels=8, num_layers=2, sample_size=8, patch_size=2,
+                                                   num_embeds_ada_norm=1000), 3)
+    pipe = DiTPipeline(transformer=transformer, vae=_vae(),
+                       scheduler=DPMSolverMultistepScheduler(beta_schedule="linear"),
+                       id2label={i: f"class {i}" for i in range(1000)})
+    pipe.save_pretrained(tmp_path / "pipe")
+    index_file = tmp_path / "pipe" / "model_index.json"  # the hub's DiT model_index.json carries id2label
+    index_file.write_text(json.dumps({**json.loads(index_file.read_text()),
+                                      "id2label": {str(i): f"class {i}" for i in range(1000)}}))
+    latents = _latents(2, seed=5)
+    monkeypatch.setattr(pipeline_dit, "randn_tensor", lambda shape, **kwargs: torch.from_numpy(latents))
+    with torch.no_grad():
+        expected = pipe([3, 7], guidance_scale=4.0, num_inference_steps=STEPS, output_type="np").images
+    ours = DiffusersPipeline.from_pretrained(tmp_path / "pipe")
+    images = ours.generate(labels=[3, "class 7"], steps=STEPS, guidance_scale=4.0,
+                           latents=latents.transpose(0, 2, 3, 1))
+    np.testing.assert_allclose(images, expected, atol=1e-3, rtol=0)
+    with pytest.raises(ValueError, match=r"label 1200 outside \[0, 1000\)"):
+        ours.generate(labels=[1200])
+
+
+def test_pipeline_errors(sd_pipe, tmp_path):
+    with pytest.raises(ValueError, match="takes prompts"):
+        sd_pipe.generate(labels=[1])
+    with pytest.raises(ValueError, match=r"negative_prompts must be a list of 1 or 2 strings"):
+        sd_pipe.generate(["a", "b"], negative_prompts=["x", "y", "z"])
+    with pytest.raises(ValueError, match=r"latents have shape \(1, 4, 4, 4\); expected \(1, 8, 8, 4\)"):
+        sd_pipe.generate(["a"], latents=np.zeros((1, 4, 4, 4), np.float32))
+    with pytest.raises(ValueError, match="no model_index.json in"):
+        DiffusersPipeline.from_pretrained(tmp_path)
