@@ -147,7 +147,7 @@ def import_openclip_transformer() -> object:
 
 
 def write_openclip(directory: Path, vocab: dict[str, int], embed_dim: int = 16, quick_gelu: bool = False,
-                   ls_init_value: float | None = None) -> object:
+                   ls_init_value: float | None = None, **text_cfg: object) -> object:
     """A random open_clip TextTransformer saved as an OpenCLIP checkpoint (``open_clip_config.json`` +
     ``open_clip_pytorch_model.bin``, the vision-free subset of a full CLIP state dict); returns the tower."""
     import torch
@@ -156,19 +156,20 @@ def write_openclip(directory: Path, vocab: dict[str, int], embed_dim: int = 16, 
     torch.manual_seed(2)
     act = transformer.QuickGELU if quick_gelu else torch.nn.GELU
     tower = transformer.TextTransformer(vocab_size=len(vocab), output_dim=embed_dim, act_layer=act,
-                                        ls_init_value=ls_init_value, **OPENCLIP_TINY).eval()
+                                        ls_init_value=ls_init_value, **OPENCLIP_TINY, **text_cfg).eval()
     with torch.no_grad():
         for name, param in tower.named_parameters():
             if "ln_" in name:
                 param.add_(0.1 * torch.randn_like(param))
-            if name.endswith("in_proj_bias") or name.endswith("out_proj.bias"):
+            if name.endswith("in_proj_bias") or name.endswith("out_proj.bias") or name == "text_projection.bias":
                 param.normal_(0.0, 0.05)
     directory.mkdir(parents=True, exist_ok=True)
     state = {**tower.state_dict(), "logit_scale": torch.tensor(4.6)}
     torch.save(state, directory / "open_clip_pytorch_model.bin")
     config = {"model_cfg": {"embed_dim": embed_dim, "quick_gelu": quick_gelu,
                             "vision_cfg": {"image_size": 224, "layers": 2, "width": 32, "patch_size": 16},
-                            "text_cfg": {**OPENCLIP_TINY, "vocab_size": len(vocab), "ls_init_value": ls_init_value}},
+                            "text_cfg": {**OPENCLIP_TINY, "vocab_size": len(vocab), "ls_init_value": ls_init_value,
+                                         **text_cfg}},
               "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}}
     (directory / "open_clip_config.json").write_text(json.dumps(config))
     return tower

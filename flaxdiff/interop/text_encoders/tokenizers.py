@@ -7,6 +7,7 @@ do with ``padding="max_length", truncation=True, max_length=L``:
     CLIP      [BOS] + bpe(text)[: L - 2] + [EOS] + [PAD] * rest        mask = 1 on BOS..EOS
     OpenCLIP  the same after open_clip's cleaning (ftfy, HTML unescape), PAD = 0 (``open_clip.tokenize``)
     T5        sp(text)[: L - 1] + [EOS] + [PAD] * rest                  mask = 1 up to EOS
+              (``spiece.model`` with sentencepiece; a ``tokenizer.json`` alone with ``tokenizers``)
 
 Special-token strings typed inside a prompt (``<|endoftext|>``, ``</s>``, ``<extra_id_0>``) are matched as special
 tokens by the CLIP tokenizers, as transformers does, but encoded as plain text by the sentencepiece T5 tokenizer.
@@ -108,18 +109,37 @@ def openclip_clean(text: str) -> str:
 
 
 class BPETokenizer:
-    """CLIP / OpenCLIP tokenizer on a ``tokenizers.Tokenizer`` (picklable: it is rebuilt from its JSON)."""
+    """CLIP / OpenCLIP tokenizer on a ``tokenizers.Tokenizer`` (picklable: it is rebuilt from its JSON); also T5
+    from a ``tokenizer.json`` without ``spiece.model`` (``bos_id=None``)."""
 
-    def __init__(self, tokenizer: Any, bos_id: int, eos_id: int, pad_id: int, max_length: int,
+    def __init__(self, tokenizer: Any, bos_id: int | None, eos_id: int, pad_id: int, max_length: int,
                  clean: str = "none") -> None:
         if clean not in ("none", "openclip"):
             raise ValueError(f"clean={clean!r}; accepted: none, openclip")
         self.tokenizer = tokenizer
         self.clean = clean
-        self.bos_id, self.eos_id, self.pad_id = int(bos_id), int(eos_id), int(pad_id)
+        self.bos_id = None if bos_id is None else int(bos_id)
+        self.eos_id, self.pad_id = int(eos_id), int(pad_id)
         self.max_length = int(max_length)
-        if self.max_length < 2:
-            raise ValueError(f"max_length={max_length} leaves no room for BOS and EOS; use >= 2")
+        specials = 1 + (self.bos_id is not None)
+        if self.max_length < specials:
+            raise ValueError(f"max_length={max_length} leaves no room for the special tokens; use >= {specials}")
+
+    @classmethod
+    def t5_from_json(cls, directory: str | Path, max_length: int) -> "BPETokenizer":
+        """A T5 tokenizer from ``tokenizer.json`` alone (no ``spiece.model``): ``ids[: L - 1] + [EOS]``, no BOS."""
+        from tokenizers import Tokenizer
+
+        directory = Path(directory)
+        special = _special_tokens(directory)
+        tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
+        eos, pad = special.get("eos_token") or "</s>", special.get("pad_token") or "<pad>"
+        eos_id, pad_id = tokenizer.token_to_id(eos), tokenizer.token_to_id(pad)
+        if eos_id is None or pad_id is None:
+            raise ValueError(f"{directory / 'tokenizer.json'} has no id for eos {eos!r} or pad {pad!r}")
+        return cls(tokenizer, None, eos_id, pad_id, max_length)
 
     @classmethod
     def from_dir(cls, directory: str | Path, max_length: int, pad_id: int | None = None,
@@ -169,11 +189,13 @@ class BPETokenizer:
     def encode_one(self, text: str) -> np.ndarray:
         """ids (max_length,) int32 of one text."""
         text = openclip_clean(str(text)) if self.clean == "openclip" else str(text)
-        body = self.tokenizer.encode(text, add_special_tokens=False).ids[: self.max_length - 2]
+        start = 0 if self.bos_id is None else 1
+        body = self.tokenizer.encode(text, add_special_tokens=False).ids[: self.max_length - 1 - start]
         row = np.full((self.max_length,), self.pad_id, np.int32)
-        row[0] = self.bos_id
-        row[1:1 + len(body)] = body
-        row[1 + len(body)] = self.eos_id
+        if self.bos_id is not None:
+            row[0] = self.bos_id
+        row[start:start + len(body)] = body
+        row[start + len(body)] = self.eos_id
         return row
 
     def __call__(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -197,12 +219,10 @@ class BPETokenizer:
 
     def files(self) -> dict[str, str]:
         """Files that rebuild this tokenizer: ``tokenizer.json`` and ``tokenizer_config.json``."""
-        reverse = {self.bos_id: "bos_token", self.eos_id: "eos_token"}
-        config = {name: self.tokenizer.id_to_token(token) for token, name in reverse.items()}
-        pad_token = self.tokenizer.id_to_token(self.pad_id)
-        config["pad_token"] = pad_token
-        config["unk_token"] = config["eos_token"]
-        config["model_max_length"] = self.max_length
+        config = {"eos_token": self.tokenizer.id_to_token(self.eos_id),
+                  "pad_token": self.tokenizer.id_to_token(self.pad_id), "model_max_length": self.max_length}
+        if self.bos_id is not None:
+            config.update(bos_token=self.tokenizer.id_to_token(self.bos_id), unk_token=config["eos_token"])
         return {"tokenizer.json": self.tokenizer.to_str(), "tokenizer_config.json": json.dumps(config, indent=2)}
 
 
@@ -273,5 +293,7 @@ def load_tokenizer(directory: str | Path, kind: str, max_length: int, pad_id: in
         return BPETokenizer.from_dir(directory, max_length, pad_id=pad_id,
                                      clean="openclip" if kind == "openclip" else "none")
     if kind == "t5":
+        if not (Path(directory) / "spiece.model").is_file() and (Path(directory) / "tokenizer.json").is_file():
+            return BPETokenizer.t5_from_json(directory, max_length)
         return SentencePieceTokenizer.from_dir(directory, max_length)
     raise ValueError(f"tokenizer kind {kind!r}; accepted: clip, openclip, t5")

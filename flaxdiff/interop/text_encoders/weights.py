@@ -30,6 +30,7 @@ from typing import Any, Iterable, Mapping
 
 import ml_dtypes
 import numpy as np
+from safetensors.numpy import save_file
 
 from flaxdiff.interop.safetensors_io import unflatten_tree
 
@@ -51,7 +52,6 @@ _ST_DTYPES: dict[str, Any] = {
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
     "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
 }
-_ST_NAMES = {np.dtype(v).name: k for k, v in _ST_DTYPES.items()}
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
@@ -79,28 +79,9 @@ def read_safetensors_file(path: str | Path) -> tuple[dict[str, np.ndarray], dict
 
 def write_safetensors_file(path: str | Path, arrays: Mapping[str, Any],
                            metadata: Mapping[str, str] | None = None) -> None:
-    """Write ``{name: array}`` as safetensors (any numpy / ml_dtypes dtype of :data:`_ST_DTYPES`), keys sorted."""
-    header: dict[str, Any] = {}
-    blobs = []
-    offset = 0
-    for name in sorted(arrays):
-        array = np.ascontiguousarray(np.asarray(arrays[name]))
-        if array.dtype.name not in _ST_NAMES:
-            raise ValueError(f"tensor {name!r} has dtype {array.dtype}; writable: {sorted(_ST_NAMES)}")
-        blob = array.tobytes()
-        header[name] = {"dtype": _ST_NAMES[array.dtype.name], "shape": list(array.shape),
-                        "data_offsets": [offset, offset + len(blob)]}
-        blobs.append(blob)
-        offset += len(blob)
-    if metadata:
-        header["__metadata__"] = dict(metadata)
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)
-    with open(path, "wb") as handle:
-        handle.write(struct.pack("<Q", len(encoded)))
-        handle.write(encoded)
-        for blob in blobs:
-            handle.write(blob)
+    """Write ``{name: array}`` with ``safetensors.numpy.save_file`` (ml_dtypes bfloat16 is stored as BF16)."""
+    save_file({name: np.ascontiguousarray(np.asarray(value)) for name, value in arrays.items()}, str(path),
+              metadata=dict(metadata) if metadata else None)
 
 
 def _read_pickle(path: Path) -> dict[str, np.ndarray]:
