@@ -165,10 +165,11 @@ print(json.dumps({key: settings[key] for key in ["dataset", "model", "batch_size
 # %% [markdown]
 # ## Launching on TPU VMs with `tpu-tools`
 #
-# `tpu-tools/tpu` wraps `gcloud`: `create` a (Spot) slice, `setup` installs this checkout and `jax[tpu]` on every
-# host, `train` starts `training.py` on all workers with the coordinator (worker 0's internal IP), the number of
-# processes and each process id filled in, `logs` follows a worker's log, `reset` stops exactly the processes it
-# started, `delete` stops paying. Every subcommand has `--dry-run`, which prints the `gcloud` commands instead of
+# `tpu-tools/tpu` wraps `gcloud`: `create` a (Spot) slice, `setup` gives every host a Python 3.12 venv (made with
+# `uv`; the TPU images ship Python 3.10) and installs this checkout and `jax[tpu]` into it, `train` starts
+# `training.py` on all workers at once with the coordinator (worker 0's internal IP), the number of processes and
+# each process id filled in, `logs` follows every worker's log, `reset` frees the TPU, `recreate` brings a preempted
+# Spot slice back and resumes, `delete` stops paying. Every subcommand has `--dry-run`, which prints the `gcloud` commands instead of
 # running them (no gcloud or cloud project needed). For a v4-32 (4 hosts × 4 chips):
 
 # %%
@@ -185,7 +186,7 @@ for command in (["create", "--accelerator-type", "v4-32", "--spot"], ["setup", "
     print()
 
 # %% [markdown]
-# Each `train` line is one `ssh` per worker that starts
-# `python3 training.py --coordinator-address WORKER0_IP:8476 --num-processes 4 --process-id I ...` detached, with
-# its log in `~/flaxdiff-logs/train.log`. Because every process runs the same program on its own data shard and the
+# Each `train` line is one `ssh` per worker, all running at once, that starts
+# `VENV/bin/python training.py --coordinator-address WORKER0_IP:8476 --num-processes 4 --process-id I ...` in its
+# own session, with its log in `~/flaxdiff-logs/train.log`; when one worker fails, `tpu train` stops the others. Because every process runs the same program on its own data shard and the
 # mesh spans all 16 chips, nothing else about the run changes. See `tpu-tools/README.md` for the full walk-through.
