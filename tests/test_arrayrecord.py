@@ -120,9 +120,20 @@ def autoencoder(tmp_path_factory):
     """A tiny randomly initialised KL autoencoder (f2, 2 latent channels, scaling 0.7) exported like a trained one."""
     config = models.get_config("autoencoder-tiny", block_out_channels=(8, 8), norm_num_groups=4, latent_channels=2,
                                in_channels=3, out_channels=3, scaling_factor=0.7)
-    module = config.make()
-    key = jax.random.PRNGKey(0)
-    params = module.init({"params": key, "sample": key}, jnp.zeros((1, 8, 8, 3)))["params"]
+    shapes = jax.eval_shape(lambda: config.make().init({"params": jax.random.PRNGKey(0), "sample": jax.random.PRNGKey(0)},
+                                                       jnp.zeros((1, 8, 8, 3)))["params"])
+    rng = np.random.default_rng(0)
+
+    def draw(path, leaf):  # random weights without compiling init: N(0, 1 / fan_in) kernels, unit norm scales
+        name = jax.tree_util.keystr(path[-1:])
+        if "scale" in name:
+            return np.ones(leaf.shape, np.float32)
+        if "bias" in name:
+            return np.zeros(leaf.shape, np.float32)
+        fan_in = int(np.prod(leaf.shape[:-1])) or 1
+        return (rng.normal(size=leaf.shape) / np.sqrt(fan_in)).astype(np.float32)
+
+    params = jax.tree_util.tree_map_with_path(draw, shapes)
     return interop.export_params(jax.device_get(params), config, tmp_path_factory.mktemp("ae") / "vae")
 
 
