@@ -1,13 +1,14 @@
 """The ``flaxdiff`` command: sample, evaluate and export training checkpoints.
 
-    flaxdiff sample runs/mnist --out grid.png [--classes 0,3,7] [--per-class 10] [--guidance 2] [--steps 20]
+    flaxdiff sample runs/mnist --out grid.png [--classes 0,3,7] [--per-class 10] [--guidance 3] [--steps 20]
     flaxdiff sample runs/text --out grid.png --prompt "the number 7" "a handwritten digit two" [--per-class 8]
     flaxdiff eval runs/mnist [--per-class 100] [--out metrics.json]
     flaxdiff export runs/mnist exported/ [--step N] [--no-ema]
 
 CHECKPOINT_DIR is a training run directory (``training.py --workdir``) or its ``checkpoints/`` directory; the
-checkpoint's own config rebuilds the model, schedule and predictor, and its EMA params are used unless
-``--no-ema``. Bad input prints one ``flaxdiff: error: ...`` line and exits with status 2; existing outputs are never
+checkpoint's own config rebuilds the model, schedule and predictor, and every sampling flag left out (sampler,
+steps, grid, guidance, guidance interval, EMA or raw params) takes the run's ``sample`` settings, the ones it was
+measured with. Guidance ``w = 1`` means none (one conditional forward). Bad input prints one ``flaxdiff: error: ...`` line and exits with status 2; existing outputs are never
 replaced without ``--overwrite``.
 """
 from __future__ import annotations
@@ -15,7 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import typing
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -40,26 +43,57 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
-def _add_sampling(parser: argparse.ArgumentParser, default_guidance: float) -> None:
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid; accepted: a finite number") from None
+    if not np.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid; accepted: a finite number")
+    return value
+
+
+def _interval(text: str) -> list[float] | None:
+    if text.lower() in ("none", "null"):
+        return None
+    try:
+        values = [float(part) for part in text.replace(" ", "").split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 2 or not all(np.isfinite(values)) or not 0 <= values[0] <= values[1]:
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid; accepted: LO,HI with 0 <= LO <= HI (sigma / alpha), "
+                                         f"or none")
+    return values
+
+
+def _add_sampling(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint_dir", help="training run directory or its checkpoints/ directory")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-    parser.add_argument("--no-ema", action="store_true", help="use the raw params instead of the EMA params")
-    parser.add_argument("--sampler", default="unipc", help="sampler name (flaxdiff.samplers.available())")
-    parser.add_argument("--steps", type=int, default=20, help="sampler steps")
-    parser.add_argument("--guidance", type=float, default=default_guidance,
-                        help="classifier-free guidance scale (1 or less: no guidance)")
+    ema = parser.add_mutually_exclusive_group()
+    ema.add_argument("--ema", dest="ema", action="store_const", const=True, default=None,
+                     help="use the EMA params (default: the run's sample.ema)")
+    ema.add_argument("--no-ema", dest="ema", action="store_const", const=False, help="use the raw params")
+    parser.add_argument("--sampler", default=None,
+                        help="sampler name (flaxdiff.samplers.available(); default: the run's sample.sampler)")
+    parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the run's sample.steps)")
+    parser.add_argument("--grid", default=None, help="timestep grid (flaxdiff.timesteps; default: the run's)")
+    parser.add_argument("--guidance", type=_finite, default=None,
+                        help="classifier-free guidance scale w >= 0 (1: no guidance; default: the run's)")
+    parser.add_argument("--guidance-interval", type=_interval, default=None, metavar="LO,HI",
+                        help="apply guidance only for LO <= sigma/alpha <= HI (default: the run's)")
     parser.add_argument("--seed", type=int, default=0, help="seed; image i uses fold_in(PRNGKey(seed), i)")
     parser.add_argument("--batch-size", type=int, default=250, help="images per forward batch")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors (or FLAXDIFF_DEBUG=1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flaxdiff", description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser = _Parser(prog="flaxdiff", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", metavar="{sample,eval,export}", required=True)
 
     sample = commands.add_parser("sample", help="write a PNG grid of samples (one row per class)",
                                  allow_abbrev=False)
-    _add_sampling(sample, default_guidance=2.0)
+    _add_sampling(sample)
     sample.add_argument("--out", required=True, help="output PNG path")
     sample.add_argument("--classes", type=_int_list, default=None,
                         help="comma-separated classes, one grid row each (default: all classes)")
@@ -73,11 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="class accuracy and Fréchet distance of class-conditional samples",
                                    allow_abbrev=False)
-    _add_sampling(evaluate, default_guidance=2.0)
+    _add_sampling(evaluate)
     evaluate.add_argument("--per-class", type=int, default=100, help="samples per class")
     evaluate.add_argument("--out", default=None,
                           help="JSON output (default: <checkpoint_dir>/eval_step_<step>.json)")
-    evaluate.add_argument("--grid", default=None, help="also write a PNG grid of the first 10 samples per class")
+    evaluate.add_argument("--grid-png", default=None,
+                          help="also write a PNG grid of the first 10 samples per class to this file")
     evaluate.add_argument("--classifier-cache", default=None,
                           help="directory of the cached digit classifier (default: $FLAXDIFF_CACHE/classifier "
                                "or ~/.cache/flaxdiff/classifier)")
@@ -93,32 +128,56 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_output_file(path: str, overwrite: bool, suffix: str | None = None) -> Path:
+    """The output path, checked before any sampling: suffix, no silent replacement, a writable directory."""
     out = Path(path).expanduser()
     if suffix is not None and out.suffix.lower() != suffix:
         raise CLIError(f"--out {path}: expected a {suffix} file")
-    if out.exists() and not overwrite:
-        raise CLIError(f"{out} already exists; pass --overwrite to replace it")
     if out.exists() and out.is_dir():
         raise CLIError(f"{out} is a directory; give a file path")
+    if out.exists() and not overwrite:
+        raise CLIError(f"{out} already exists; pass --overwrite to replace it")
+    _check_writable(out)
     return out
 
 
-def _guidance(value: float) -> float | None:
-    return value if value > 1.0 else None
+def _check_writable(out: Path) -> None:
+    ancestor = out.absolute().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise CLIError(f"{out} cannot be written ({ancestor} is not a writable directory)")
+    if out.exists() and not os.access(out, os.W_OK):
+        raise CLIError(f"{out} cannot be written (permission denied)")
 
 
 def _load(args: argparse.Namespace) -> Any:
+    """The run's Pipeline, with the sampling flags checked first (before the params are read)."""
+    from flaxdiff import samplers, timesteps
     from flaxdiff.pipeline import Pipeline
 
-    if args.steps < 1:
-        raise CLIError(f"--steps {args.steps} must be >= 1")
+    if args.steps is not None and args.steps < 1:
+        raise CLIError(f"--steps {args.steps} is invalid; accepted: an integer >= 1")
     if args.batch_size < 1:
-        raise CLIError(f"--batch-size {args.batch_size} must be >= 1")
-    from flaxdiff import samplers
-
-    if args.sampler not in samplers.available():
+        raise CLIError(f"--batch-size {args.batch_size} is invalid; accepted: an integer >= 1")
+    if args.guidance is not None and args.guidance < 0:
+        raise CLIError(f"--guidance {args.guidance} is invalid; accepted: a finite number >= 0 (1: no guidance)")
+    if args.sampler is not None and args.sampler not in samplers.available():
         raise CLIError(f"--sampler {args.sampler!r} is unknown; accepted: {', '.join(samplers.available())}")
-    return Pipeline.from_pretrained(args.checkpoint_dir, step=args.step, ema=not args.no_ema)
+    if args.grid is not None and args.grid not in timesteps.available():
+        raise CLIError(f"--grid {args.grid!r} is unknown; accepted: {', '.join(timesteps.available())}")
+    return Pipeline.from_pretrained(args.checkpoint_dir, step=args.step, ema=args.ema)
+
+
+def _settings(pipe: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """The sampling settings of this call: each flag given, else the run's ``sample`` section."""
+    sample = pipe.sample
+    guidance = sample.guidance if args.guidance is None else args.guidance
+    if pipe.null_cond is None:
+        guidance = 1.0
+    return {"sampler": args.sampler or sample.sampler, "steps": args.steps or sample.steps,
+            "grid": args.grid or sample.grid, "guidance_scale": guidance,
+            "guidance_interval": args.guidance_interval if args.guidance_interval is not None
+            else sample.guidance_interval}
 
 
 def _sample_labels(pipe: Any, args: argparse.Namespace) -> tuple[np.ndarray | None, int, int]:
@@ -162,15 +221,14 @@ def cmd_sample(args: argparse.Namespace) -> dict[str, Any]:
         labels, count, columns = None, len(prompts), args.columns or per_prompt
     else:
         labels, count, columns = _sample_labels(pipe, args)
+    settings = _settings(pipe, args)
     images = pipe.generate(num_images=count if labels is None and prompts is None else None, labels=labels,
-                           prompts=prompts, sampler=args.sampler,
-                           steps=args.steps, guidance_scale=_guidance(args.guidance), seed=args.seed,
-                           output="float", batch_size=args.batch_size)
+                           prompts=prompts, seed=args.seed, output="float", batch_size=args.batch_size, **settings)
     save_image_grid(images, out, columns=columns)
     rows = int(np.ceil(count / columns))
     height, width = images.shape[1:3]
     result = {"out": str(out), "images": count, "rows": rows, "columns": columns,
-              "pixels": [rows * height, columns * width], "step": pipe.step}
+              "pixels": [rows * height, columns * width], "step": pipe.step, **settings}
     logger.info("wrote %s: %d images, %d x %d grid", out, count, rows, columns)
     return result
 
@@ -191,16 +249,15 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
         Path(args.checkpoint_dir) / f"eval_step_{pipe.step}.json")
     if not args.out and out.exists() and not args.overwrite:
         raise CLIError(f"{out} already exists; pass --overwrite or --out")
-    grid = _check_output_file(args.grid, args.overwrite, ".png") if args.grid else None
+    _check_writable(out)
+    grid = _check_output_file(args.grid_png, args.overwrite, ".png") if args.grid_png else None
     labels = np.repeat(np.arange(pipe.num_classes, dtype=np.int32), args.per_class)
-    images = pipe.generate(labels=labels, sampler=args.sampler, steps=args.steps,
-                           guidance_scale=_guidance(args.guidance), seed=args.seed, output="float",
-                           batch_size=args.batch_size)
+    settings = _settings(pipe, args)
+    images = pipe.generate(labels=labels, seed=args.seed, output="float", batch_size=args.batch_size, **settings)
     classifier = metrics.get_mnist_classifier(image_size=CLASSIFIER_SIZE, cache_dir=args.classifier_cache)
     scores = metrics.evaluate_class_conditional(images, labels, classifier)
-    result = {**scores, "step": pipe.step, "sampler": args.sampler, "steps": args.steps,
-              "guidance": _guidance(args.guidance), "seed": args.seed, "per_class": args.per_class,
-              "ema": not args.no_ema, "checkpoint_dir": str(Path(args.checkpoint_dir).absolute())}
+    result = {**scores, "step": pipe.step, **settings, "seed": args.seed, "per_class": args.per_class,
+              "ema": pipe.sample.ema if args.ema is None else args.ema}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     result["out"] = str(out)
@@ -229,17 +286,29 @@ CLASSIFIER_SIZE = 32  # the classifier resizes every sample to 32x32, so all ima
 COMMANDS = {"sample": cmd_sample, "eval": cmd_eval, "export": cmd_export}
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block), exit status 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``flaxdiff`` console script; returns the exit status."""
+    from flaxdiff.logs import setup_logging
+
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for noisy in ("absl", "jax._src", "orbax", "grain", "flaxdiff.data"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    debug = bool(getattr(args, "debug", False)) or os.environ.get("FLAXDIFF_DEBUG", "") not in ("", "0")
+    setup_logging(fmt="%(message)s", datefmt=None, debug=debug)
+    logging.getLogger("flaxdiff.data").setLevel(logging.DEBUG if debug else logging.WARNING)
     try:
         result = COMMANDS[args.command](args)
     except ValueError as err:
-        sys.stderr.write(f"flaxdiff: error: {err}\n")
+        if debug:
+            raise
+        message = " ".join(str(err).split())
+        sys.stderr.write(f"flaxdiff: error: {message}\n")
         return 2
     sys.stdout.write(json.dumps(result, indent=2) + "\n")
     return 0

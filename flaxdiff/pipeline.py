@@ -1,16 +1,17 @@
-"""Generate images from a training checkpoint directory with its own saved config.
+"""Generate images from a training run with its own saved config and sampling settings.
 
     from flaxdiff.pipeline import Pipeline
-    pipe = Pipeline.from_pretrained("runs/mnist")               # run dir or its checkpoints/ dir; EMA params
-    images = pipe.generate(labels=[0, 1, 2], guidance_scale=2.0, seed=0)   # uint8 (3, 32, 32, 1)
-    floats = pipe.generate(num_images=8, output="float")                    # float32 in [-1, 1]
+    pipe = Pipeline.from_pretrained("runs/mnist")               # run dir or its checkpoints/ dir
+    images = pipe.generate(labels=[0, 1, 2], seed=0)            # uint8 (3, 32, 32, 1), the run's sample settings
+    floats = pipe.generate(num_images=8, guidance_scale=1.0, output="float")   # override: no guidance
 
-Sampling runs ``flaxdiff.samplers.sample_model`` on the checkpoint's schedule and predictor. Row i of a call
-uses only the key ``fold_in(PRNGKey(seed), i)`` (noise and any sampler randomness), so an image does not depend on
-the batch it was drawn in. A checkpoint trained on autoencoder latents (``config["data"]["latent_autoencoder"]``)
-is decoded with that frozen autoencoder: ``x = decode(latents / scaling_factor + shift_factor)``. A checkpoint
-trained on captions (``config["data"]["text_encoder"]``) takes ``prompts=[...]``, encoded by that frozen text
-encoder; its guidance null is ``flaxdiff.data.captions.NULL_TEXT_COND`` (zeros, all-False mask).
+Sampling runs ``flaxdiff.samplers.sample_model`` on the run's schedule and predictor. Every sampling argument left
+out (sampler, steps, grid, guidance scale and interval) comes from the run's ``sample`` section
+(``flaxdiff.config.SampleConfig``), so a model is sampled the way it was measured. Guidance has one meaning:
+``D = D_uncond + w (D_cond - D_uncond)``, ``w = 1`` is the plain conditional model (no extra forward).
+Row i of a call uses only the key ``fold_in(PRNGKey(seed), i)`` (noise and any sampler randomness), so an image
+does not depend on the batch it was drawn in. A run trained on autoencoder latents is decoded with that frozen
+autoencoder; a caption-conditioned run takes ``prompts=[...]`` encoded by its frozen text encoder.
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxdiff.training import checkpoint as checkpoint_lib
+from flaxdiff import checkpoints
+from flaxdiff.config import SampleConfig, guidance_or_none
 
 logger = logging.getLogger(__name__)
 
@@ -31,14 +33,7 @@ __all__ = ["Pipeline", "resolve_checkpoint_dir", "to_uint8"]
 
 def resolve_checkpoint_dir(path: str | Path) -> Path:
     """The orbax directory holding numbered steps: ``path`` itself or ``path/checkpoints`` (a training run dir)."""
-    path = Path(path).expanduser().absolute()
-    if not path.is_dir():
-        raise ValueError(f"checkpoint directory {path} does not exist")
-    for candidate in (path, path / "checkpoints"):
-        if candidate.is_dir() and any(child.is_dir() and child.name.isdigit() for child in candidate.iterdir()):
-            return candidate
-    raise ValueError(f"{path} holds no checkpoint steps (expected numbered step directories in it or in "
-                     f"{path / 'checkpoints'})")
+    return checkpoints.find_checkpoints(path)[1]
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -52,13 +47,14 @@ class Pipeline:
     model: the Linen module; params: its parameters; schedule / predictor: the training pair.
     sample_shape: (H, W, C) of the diffusion space (latents when ``decode`` is set).
     num_classes: > 0 for class-conditional models (label ``num_classes`` is the null class).
-    decode: optional ``latents -> images in [-1, 1]``; config: the checkpoint's full JSON config.
+    decode: optional ``latents -> images in [-1, 1]``; config: the run's RunConfig (or stored dict).
+    sample: the default sampling settings (the run's ``sample`` section).
     """
 
     def __init__(self, model: Any, params: Any, schedule: Any, predictor: Any, sample_shape: Sequence[int],
                  num_classes: int = 0, null_cond: dict[str, Any] | None = None,
-                 decode: Callable[[jax.Array], jax.Array] | None = None, config: dict[str, Any] | None = None,
-                 step: int | None = None, text: Any = None) -> None:
+                 decode: Callable[[jax.Array], jax.Array] | None = None, config: Any = None,
+                 step: int | None = None, text: Any = None, sample: SampleConfig | None = None) -> None:
         self.model = model
         self.params = params
         self.schedule = schedule
@@ -68,42 +64,30 @@ class Pipeline:
         self.null_cond = null_cond if null_cond is not None else (
             {"label": self.num_classes} if self.num_classes > 0 else None)
         self.decode = decode
-        self.config = config or {}
+        self.config = config if config is not None else {}
         self.step = step
         self.text = text
+        if sample is None:
+            sample = getattr(config, "sample", None) or SampleConfig()
+        self.sample = sample
+        self._apply = _make_apply(model)
 
     @classmethod
-    def from_pretrained(cls, checkpoint_dir: str | Path, step: int | None = None, ema: bool = True) -> "Pipeline":
+    def from_pretrained(cls, checkpoint_dir: str | Path, step: int | None = None,
+                        ema: bool | None = None) -> "Pipeline":
         """Load a training run directory (or its ``checkpoints/``): latest step unless ``step``; EMA params unless
-        ``ema=False``."""
-        directory = resolve_checkpoint_dir(checkpoint_dir)
-        components = checkpoint_lib.load_components(directory, step)
-        config = components["config"]
-        if components["model"] is None:
-            raise ValueError(f"checkpoint {directory} has no model config; it cannot be sampled")
-        if step is None:
-            step = max(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
-        params = jax.tree.map(jnp.asarray, checkpoint_lib.load_params(directory, step, ema=ema))
-        data = config.get("data", {})
-        image_key = data.get("image_key", "image")
-        shapes = data.get("shapes", {})
-        if image_key not in shapes:
-            raise ValueError(f"checkpoint {directory} config has no shape for {image_key!r}; keys: {sorted(shapes)}")
-        model_config = config["model"]
-        num_classes = int(data.get("num_classes", model_config.get("num_classes", 0)) or 0)
-        null_cond = components["train"].null_cond
-        decode = None
-        if data.get("latent_autoencoder"):
-            decode = _latent_decoder(data["latent_autoencoder"])
-        text = None
-        if data.get("text_encoder"):
-            from flaxdiff.data.captions import TextConditioner
+        ``ema=False`` (default: the run's ``sample.ema``)."""
+        run = checkpoints.load_run(checkpoint_dir, step, ema)
+        return cls(run.model, run.params, run.schedule, run.predictor, run.sample_shape, run.num_classes,
+                   run.null_cond, run.decode, run.config if run.config is not None else run.raw_config, run.step,
+                   run.text, run.sample)
 
-            text = TextConditioner.create(data["text_encoder"])
-        logger.info("loaded step %d of %s (%s params)", step, directory, "EMA" if ema else "raw")
-        return cls(components["model"], params, components["schedule"], components["predictor"],
-                   shapes[image_key]["shape"], num_classes, dict(null_cond) if null_cond else None, decode,
-                   config, step, text)
+    def with_params(self, params: Any) -> "Pipeline":
+        """The same pipeline with other params (e.g. the trainer's EMA params during training)."""
+        clone = object.__new__(Pipeline)
+        clone.__dict__.update(self.__dict__)
+        clone.params = params
+        return clone
 
     @property
     def image_shape(self) -> tuple[int, ...]:
@@ -113,31 +97,43 @@ class Pipeline:
         latent = jnp.zeros((1,) + self.sample_shape)
         return tuple(jax.eval_shape(self.decode, latent).shape[1:])
 
-    def _apply(self, params: Any, x: jax.Array, c_noise: jax.Array, cond: Any) -> jax.Array:
-        return self.model.apply({"params": params}, x, c_noise, cond, train=False)
-
     def generate(self, num_images: int | None = None, labels: Sequence[int] | np.ndarray | None = None,
-                 prompts: Sequence[str] | None = None, sampler: str = "unipc", steps: int = 20, guidance_scale: float | None = None, seed: int = 0,
-                 output: str = "uint8", batch_size: int = 256, **sampler_options: Any) -> np.ndarray:
+                 prompts: Sequence[str] | None = None, sampler: str | None = None, steps: int | None = None,
+                 guidance_scale: float | None = None, seed: int = 0, output: str = "uint8", batch_size: int = 256,
+                 grid: str | None = None, guidance_interval: Sequence[float] | None = None,
+                 **sampler_options: Any) -> np.ndarray:
         """Images (N, H, W, C): uint8 pixels (``output="uint8"``) or float32 in [-1, 1] (``output="float"``).
 
         labels: class of every image (class-conditional models); num_images alone draws labels i mod num_classes
         (unconditional models take only num_images); prompts: the text of every image (text-conditioned models; one
-        prompt with num_images repeats it). guidance_scale: classifier-free guidance weight w
-        (D = D_null + w (D_cond - D_null); None or 1 -> plain conditional). batch_size bounds one forward batch.
+        prompt with num_images repeats it). sampler, steps, grid, guidance_scale (w; 1 = no guidance),
+        guidance_interval: None takes the run's ``sample`` setting. batch_size bounds one forward batch.
         """
+        settings = self.sample
+        sampler = settings.sampler if sampler is None else sampler
+        steps = settings.steps if steps is None else steps
+        grid = settings.grid if grid is None else grid
+        scale = settings.guidance if guidance_scale is None else guidance_scale
+        interval = settings.guidance_interval if guidance_interval is None else guidance_interval
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not np.isfinite(scale) or scale < 0:
+            raise ValueError(f"guidance_scale={scale!r} is invalid; accepted: a finite number >= 0 (1: no guidance)")
+        if self.null_cond is None:
+            if guidance_scale is not None and float(guidance_scale) != 1.0:
+                raise ValueError(f"guidance_scale={guidance_scale} needs a conditional model; this one is "
+                                 f"unconditional")
+            scale = 1.0
+        guidance_scale = guidance_or_none(scale)
+        if guidance_scale is not None and interval is not None:
+            sampler_options["guidance_interval"] = tuple(float(v) for v in interval)
+        sampler_options["grid"] = grid
         if output not in ("uint8", "float"):
             raise ValueError(f"output={output!r}; accepted: uint8, float")
         prompt_list = self._prompts(num_images, labels, prompts)
         labels_array = self._labels(num_images, labels) if prompt_list is None else None
         count = len(prompt_list) if prompt_list is not None else (
             len(labels_array) if labels_array is not None else int(num_images))
-        if guidance_scale is not None and self.null_cond is None:
-            raise ValueError(f"guidance_scale={guidance_scale} needs a conditional model; this one is unconditional")
-        if guidance_scale is not None and float(guidance_scale) == 1.0:
-            guidance_scale = None
-        if not steps >= 1:
-            raise ValueError(f"steps={steps!r} must be >= 1")
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+            raise ValueError(f"steps={steps!r} is invalid; accepted: an integer >= 1")
         keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(seed), i))(jnp.arange(count))
         chunk = max(1, min(int(batch_size), count))
         pieces = []
@@ -210,16 +206,10 @@ class Pipeline:
         return jnp.clip(samples, -1.0, 1.0)
 
 
-def _latent_decoder(path: str) -> Callable[[jax.Array], jax.Array]:
-    """``latents -> images`` through the frozen autoencoder at ``path`` (unscaling first)."""
-    from flaxdiff import interop, models
+def _make_apply(model: Any) -> Callable[..., jax.Array]:
+    """One apply function per pipeline (shared by ``with_params`` clones, so sampling compiles once)."""
 
-    module, params, ae_config = interop.load_autoencoder(path)
+    def apply(params: Any, x: jax.Array, c_noise: jax.Array, cond: Any) -> jax.Array:
+        return model.apply({"params": params}, x, c_noise, cond, train=False)
 
-    @jax.jit
-    def decode(latents: jax.Array) -> jax.Array:
-        images = module.apply({"params": params}, models.unscale_latents(ae_config, latents),
-                              method=models.AutoencoderKL.decode)
-        return jnp.clip(images, -1.0, 1.0)
-
-    return decode
+    return apply

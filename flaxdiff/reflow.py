@@ -16,7 +16,6 @@
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -27,13 +26,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxdiff import losses, samplers, timesteps
-from flaxdiff.training.trainer import DiffusionTrainer
+from flaxdiff.objectives import ReflowLoss
+from flaxdiff.training.trainer import Trainer
 
 logger = logging.getLogger(__name__)
 
 Array = jax.Array
 
-__all__ = ["PairSource", "ReflowTrainer", "evaluate_steps", "flow_time_grid", "generate_pairs", "reflow_loss",
+__all__ = ["PairSource", "evaluate_steps", "flow_time_grid", "generate_pairs", "reflow_loss",
            "run_reflow"]
 
 
@@ -144,18 +144,20 @@ def evaluate_steps(pipe: Any, steps: Sequence[int] = (1, 2, 5, 10), per_class: i
 
 def run_reflow(base_dir: str | Path, workdir: str | Path, *, num_pairs: int = 2048, pair_sampler: str = "euler",
                pair_steps: int = 20, guidance_scale: float | None = None, train_config: Any = None,
-               batch_size: int = 64, seed: int = 0, ema: bool = True) -> Trainer:
+               batch_size: int = 64, seed: int = 0, ema: bool = True,
+               run_config: Mapping[str, Any] | None = None) -> Trainer:
     """Generate pairs from the checkpoint at ``base_dir`` (saved to ``workdir/reflow_pairs.npz``), then train a
     reflow model initialised from its params with ``train_config`` (a TrainConfig) into ``workdir``; returns the
-    finished trainer (its checkpoints load with :class:`flaxdiff.pipeline.Pipeline`)."""
-    from flaxdiff import data
+    finished trainer (its checkpoints load with :class:`flaxdiff.pipeline.Pipeline`). ``run_config``: what the
+    checkpoints store (training.py passes the reflow run's RunConfig); None stores the trainer's description."""
+    from flaxdiff import checkpoints, data, models
     from flaxdiff.pipeline import Pipeline
-    from flaxdiff.training import TrainConfig, checkpoint
+    from flaxdiff.training import TrainConfig
 
-    if pipe_text(base_dir):
+    pipe = Pipeline.from_pretrained(base_dir, ema=ema)
+    if pipe.text is not None:
         raise ValueError(f"{base_dir} is text-conditioned; reflow supports class-conditional and unconditional "
                          f"models")
-    pipe = Pipeline.from_pretrained(base_dir, ema=ema)
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     pairs_path = workdir / "reflow_pairs.npz"
@@ -174,14 +176,22 @@ def run_reflow(base_dir: str | Path, workdir: str | Path, *, num_pairs: int = 20
     example = {"image": first["image"], "noise": first["noise"]}
     if pipe.num_classes > 0:
         example["label"] = first["label"]
-    components = checkpoint.load_components(pipe_dir(base_dir))
-    data_config = {k: v for k, v in config.get("data", {}).items() if k not in ("image_key", "shapes")}
-    data_config.update(reflow_from=str(Path(base_dir).absolute()), reflow_pairs=num_pairs,
-                       reflow_sampler=pair_sampler, reflow_steps=pair_steps, reflow_guidance=guidance_scale)
-    loss = ReflowLoss(pipe.schedule, pipe.predictor, components["weighting"], components["time_sampler"],
-                      null_cond=null_cond)
-    trainer = Trainer(pipe.model, config["model"], train_config=train_config, example_batch=example, loss=loss,
-                      workdir=workdir, data_config=data_config)
+    if checkpoints.is_run_config(pipe.config.to_dict() if hasattr(pipe.config, "to_dict") else pipe.config):
+        diffusion = pipe.config.diffusion
+        weighting = losses.weightings.get(diffusion.weighting, **diffusion.weighting_options)
+        time_sampler = losses.time_samplers.get(diffusion.time_sampler, **diffusion.time_sampler_options)
+        model_config = models.get_config(pipe.config.model.name, **pipe.config.model.options).to_config()
+        data_config = None
+    else:
+        weighting = losses.weightings.from_config(config["weighting"])
+        time_sampler = losses.time_samplers.from_config(config["time_sampler"])
+        model_config = config["model"]
+        data_config = {k: v for k, v in config.get("data", {}).items() if k not in ("image_key", "shapes")}
+        data_config.update(reflow_pairs=num_pairs, reflow_sampler=pair_sampler, reflow_steps=pair_steps,
+                           reflow_guidance=guidance_scale)
+    loss = ReflowLoss(pipe.schedule, pipe.predictor, weighting, time_sampler, null_cond=null_cond)
+    trainer = Trainer(pipe.model, model_config, train_config=train_config, example_batch=example, loss=loss,
+                      workdir=workdir, data_config=data_config, run_config=run_config)
     state = trainer.init()
     params = jax.device_put(pipe.params, trainer.state_shardings.params)
     trainer.state = state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params))
@@ -192,10 +202,7 @@ def run_reflow(base_dir: str | Path, workdir: str | Path, *, num_pairs: int = 20
 
     trainer.fit(batches(), resume=False)
     trainer.close()
-    (workdir / "reflow.json").write_text(json.dumps({"base": str(Path(base_dir).absolute()),
-                                                     "pairs": num_pairs, "sampler": pair_sampler,
-                                                     "steps": pair_steps, "guidance": guidance_scale,
-                                                     "seconds": time.perf_counter() - start}, indent=2) + "\n")
+    logger.info("reflow of %s done in %.1f s", base_dir, time.perf_counter() - start)
     return trainer
 
 
@@ -204,10 +211,3 @@ def pipe_dir(path: str | Path) -> Path:
     from flaxdiff.pipeline import resolve_checkpoint_dir
 
     return resolve_checkpoint_dir(path)
-
-
-def pipe_text(path: str | Path) -> bool:
-    """Whether the checkpoint at ``path`` is text-conditioned."""
-    from flaxdiff.training import checkpoint
-
-    return bool(checkpoint.load_config(pipe_dir(path)).get("data", {}).get("text_encoder"))

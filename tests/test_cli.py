@@ -57,12 +57,52 @@ def test_sample_refuses_to_overwrite(run_dir, tmp_path, capsys):
     (["--classes", "3,12"], "--classes 12 is outside 0..9"),
     (["--sampler", "nope"], "--sampler 'nope' is unknown; accepted: ddim"),
     (["--prompts", "a seven"], "--prompts needs a text-conditioned checkpoint"),
-    (["--steps", "0"], "--steps 0 must be >= 1"),
+    (["--steps", "0"], "--steps 0 is invalid; accepted: an integer >= 1"),
+    (["--grid", "nope"], "--grid 'nope' is unknown; accepted:"),
+    (["--guidance", "-1"], "--guidance -1.0 is invalid; accepted: a finite number >= 0"),
+    (["--guidance", "nan"], "--guidance: 'nan' is invalid; accepted: a finite number"),
+    (["--guidance", "abc"], "--guidance: 'abc' is invalid; accepted: a finite number"),
+    (["--guidance-interval", "5,1"], "LO,HI with 0 <= LO <= HI"),
+    (["--batch-size", "0"], "--batch-size 0 is invalid; accepted: an integer >= 1"),
 ])
 def test_sample_bad_input_is_one_line(run_dir, tmp_path, capsys, extra, message):
-    code, _, err = _cli(["sample", run_dir, "--out", tmp_path / "x.png", *extra], capsys)
-    assert code == 2 and err.startswith("flaxdiff: error:") and message in err and err.count("\n") == 1
+    before = _snapshot(run_dir)
+    try:
+        code, _, err = _cli(["sample", run_dir, "--out", tmp_path / "x.png", *extra], capsys)
+    except SystemExit as exit_:
+        code, err = exit_.code, capsys.readouterr().err
+    assert code == 2 and err.startswith("flaxdiff") and "error:" in err and message in err and err.count("\n") == 1
     assert not (tmp_path / "x.png").exists()
+    assert _snapshot(run_dir) == before
+
+
+def _snapshot(directory):
+    """Every file of a directory with its bytes (a run directory must be byte-identical after a refused call)."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(Path(directory).rglob("*")) if p.is_file()}
+
+
+def test_sample_defaults_are_the_runs_sample_settings(run_dir, tmp_path, capsys):
+    """No sampling flag: the settings saved with the run (sample section), reported in the JSON."""
+    saved = json.loads((run_dir / "config.json").read_text())["sample"]
+    code, stdout, _ = _cli(["sample", run_dir, "--out", tmp_path / "d.png", "--classes", "0", "--per-class", "1"],
+                           capsys)
+    report = json.loads(stdout)
+    assert code == 0
+    assert (report["sampler"], report["steps"], report["grid"], report["guidance_scale"],
+            report["guidance_interval"]) == (saved["sampler"], saved["steps"], saved["grid"], saved["guidance"],
+                                             saved["guidance_interval"])
+    code, stdout, _ = _cli(["sample", run_dir, "--out", tmp_path / "e.png", "--classes", "0", "--per-class", "1",
+                            "--sampler", "euler", "--steps", "2", "--guidance", "1"], capsys)
+    report = json.loads(stdout)
+    assert (report["sampler"], report["steps"], report["guidance_scale"]) == ("euler", 2, 1.0)
+
+
+def test_unwritable_output_is_refused_before_sampling(run_dir, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    code, _, err = _cli(["sample", run_dir, "--out", blocker / "grid.png"], capsys)
+    assert code == 2 and "cannot be written" in err and str(blocker) in err and err.count("\n") == 1
+    assert blocker.read_text() == "not a directory"
 
 
 def test_missing_checkpoint_dir_is_one_line(tmp_path, capsys):
@@ -75,13 +115,14 @@ def test_missing_checkpoint_dir_is_one_line(tmp_path, capsys):
 
 def test_eval_prints_and_writes_accuracy_and_frechet(run_dir, tmp_path, classifier_dir, capsys):
     out = tmp_path / "metrics.json"
-    code, stdout, _ = _cli(["eval", run_dir, "--per-class", "3", "--steps", "2", "--out", out,
+    code, stdout, _ = _cli(["eval", run_dir, "--per-class", "3", "--steps", "2", "--out", out, "--sampler", "euler",
                             "--classifier-cache", classifier_dir], capsys)
     assert code == 0
     printed, written = json.loads(stdout), json.loads(out.read_text())
     assert printed["class_accuracy"] == written["class_accuracy"]
     assert 0.0 <= written["class_accuracy"] <= 1.0
     assert written["frechet_distance"] > 0 and written["num_samples"] == 30 and written["step"] == 2
+    assert (written["sampler"], written["steps"], written["guidance_scale"]) == ("euler", 2, 3.0)
     # two training steps make noise, not digits: far from the real digits
     assert written["frechet_distance"] > 10
     code, _, err = _cli(["eval", run_dir, "--per-class", "3", "--out", out], capsys)

@@ -1,6 +1,7 @@
 """Reflow: the flow-time grid, the coupled loss in closed form, pairs deterministic for a key (and independent of
 the batch split), and `training.py --task reflow` training a loadable model from a base checkpoint."""
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -83,6 +84,9 @@ def test_training_script_reflow_trains_from_the_base(base_run, tmp_path):
     moved = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(trained)))
     assert 0 < moved < 0.1   # started from the base params and took a few small steps
     pipe = Pipeline.from_pretrained(workdir)
-    assert pipe.config["data"]["reflow_from"] == str(base_run.absolute())
+    assert pipe.config.task.name == "reflow" and pipe.config.task.reflow_from == str(base_run.absolute())
+    assert pipe.config.task.reflow_guidance == 2.0 and pipe.config.model == Pipeline.from_pretrained(base_run).config.model
+    saved = json.loads((workdir / "config.json").read_text())
+    assert saved["task"]["reflow_from"] == os.path.relpath(base_run, workdir)   # relative to the run directory
     images = pipe.generate(labels=[0, 1], sampler="euler", steps=1, grid=reflow.flow_time_grid(1))
     assert images.shape == (2, 8, 8, 1) and images.dtype == np.uint8

@@ -61,17 +61,17 @@ def text_run(tmp_path_factory):
 
 def test_prompt_changes_the_output(text_run):
     pipe = Pipeline.from_pretrained(text_run)
-    config = json.loads((text_run / "run_config.json").read_text())
-    assert config["captions"] == "mnist" and pipe.text is not None
+    config = json.loads((text_run / "config.json").read_text())
+    assert config["data"]["captions"] == "mnist" and pipe.text is not None
     assert pipe.null_cond == captions.NULL_TEXT_COND
-    kwargs = dict(sampler="euler", steps=2, seed=3, output="float")
+    kwargs = dict(sampler="euler", steps=2, seed=3, output="float", guidance_scale=1.0)
     seven = pipe.generate(prompts=["the number 7"] * 2, **kwargs)
     again = pipe.generate(prompts=["the number 7"] * 2, **kwargs)
     one = pipe.generate(prompts=["the number 1"] * 2, **kwargs)
     assert seven.shape == (2, 8, 8, 1)
     np.testing.assert_array_equal(seven, again)
     assert float(np.max(np.abs(seven - one))) > 1e-6
-    guided = pipe.generate(prompts=["the number 7"] * 2, guidance_scale=3.0, **kwargs)
+    guided = pipe.generate(prompts=["the number 7"] * 2, **{**kwargs, "guidance_scale": 3.0})
     assert np.isfinite(guided).all() and float(np.max(np.abs(guided - seven))) > 1e-6
     with pytest.raises(ValueError, match="labels given but this model is text-conditioned"):
         pipe.generate(labels=[1, 2])

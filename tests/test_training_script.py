@@ -13,6 +13,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import training  # noqa: E402
+from flaxdiff.config import ALIASES, RunConfig  # noqa: E402
 
 TINY = ["--dataset", "digits", "--image-size", "16", "--model", "unet-tiny", "--model-config", "{}",
         "--batch-size", "16", "--lr-decay", "constant", "--warmup-steps", "0", "--log-every", "1",
@@ -48,23 +49,38 @@ def test_run_writes_checkpoint_grid_and_config(run_dir):
     workdir, proc = run_dir
     assert _steps(workdir) == [2, 3]
     saved = json.loads((workdir / "checkpoints" / "3" / "config" / "metadata").read_text())
+    # the checkpoint stores exactly the run config, resolved (classes, channels, model inputs) and written to
+    # config.json
+    assert saved == json.loads((workdir / "config.json").read_text())
+    assert set(saved) == {"data", "model", "diffusion", "train", "sample", "task"}
     assert saved["data"]["num_classes"] == 10 and saved["data"]["dataset"] == "digits"
-    assert saved["data"]["shapes"]["image"]["shape"] == [16, 16, 1]
-    assert saved["train"]["null_cond"] == {"label": 10} and saved["train"]["cond_drop_prob"] == 0.1
-    assert saved["schedule"]["name"] == "rectified_flow" and saved["predictor"]["name"] == "velocity"
-    assert saved["time_sampler"]["name"] == "logit_normal"
+    assert saved["data"]["channels"] == 1 and saved["model"]["options"] == {"in_channels": 1, "num_classes": 10}
+    assert saved["diffusion"]["cond_drop_prob"] == 0.1 and saved["diffusion"]["schedule"] == "rectified_flow"
+    assert saved["sample"]["sampler"] == "euler" and saved["sample"]["steps"] == 2 and saved["train"]["steps"] == 3
     # one row per class (10), two images per row, 16 px each
     assert Image.open(workdir / "samples.png").size == (2 * 16, 10 * 16)
     assert _metric_steps(workdir) == [1, 2, 3]
-    run_config = json.loads((workdir / "run_config.json").read_text())
-    assert run_config["model"] == "unet-tiny" and run_config["steps"] == 3
+    assert "_CHECKPOINT_METADATA" not in proc.stderr and "Metadata file does not exist" not in proc.stderr
+
+
+def test_saved_config_feeds_back_to_the_same_resolved_config(run_dir, capsys, tmp_path):
+    workdir, _ = run_dir
+    assert training.main(["--config", str(workdir / "config.json"), "--print-config"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads((workdir / "config.json").read_text())
+    # a copy elsewhere resolves its relative paths against its own directory
+    copy = tmp_path / "elsewhere" / "config.json"
+    copy.parent.mkdir()
+    copy.write_text((workdir / "config.json").read_text())
+    assert training.main(["--config", str(copy), "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out) == printed
 
 
 def test_existing_checkpoints_need_resume_or_overwrite(run_dir):
     workdir, _ = run_dir
     proc = _run(*TINY, "--steps", "4", "--workdir", str(workdir), check=False)
     assert proc.returncode == 2
-    assert "already holds checkpoints; pass --resume" in proc.stderr.strip().splitlines()[-1]
+    assert "already holds checkpoints (steps [2, 3]); pass --resume" in proc.stderr.strip().splitlines()[-1]
 
 
 def test_resume_continues_from_the_checkpoint(run_dir):
@@ -81,14 +97,15 @@ def test_resume_with_changed_model_fails_clearly(run_dir):
     changed = [a if a != "{}" else '{"base_channels": 8}' for a in TINY]
     proc = _run(*changed, "--steps", "6", "--workdir", str(workdir), "--resume", check=False)
     assert proc.returncode == 2
-    assert "model.base_channels" in proc.stderr.strip().splitlines()[-1]
+    assert "model.options" in proc.stderr.strip().splitlines()[-1]
 
 
 def test_print_config_round_trips_json_and_yaml(tmp_path, capsys):
     assert training.main([*TINY, "--steps", "7", "--shift", "3", "--print-config"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert printed["steps"] == 7 and printed["shift"] == 3.0 and printed["model_config"] == {}
-    assert printed["epochs"] is None and set(printed) == set(training.DEFAULTS)
+    assert printed["train"]["steps"] == 7 and printed["diffusion"]["shift"] == 3.0
+    assert printed["model"]["options"] == {} and printed["train"]["epochs"] is None
+    assert set(printed) == set(RunConfig().to_dict())
     path = tmp_path / "run.json"
     path.write_text(json.dumps(printed))
     assert training.main(["--config", str(path), "--print-config"]) == 0
@@ -97,48 +114,99 @@ def test_print_config_round_trips_json_and_yaml(tmp_path, capsys):
     yaml_path.write_text(yaml.safe_dump(printed))
     assert training.main(["--config", str(yaml_path), "--print-config"]) == 0
     assert json.loads(capsys.readouterr().out) == printed
-    # flags override the file; --epochs replaces the file's steps
-    assert training.main(["--config", str(path), "--epochs", "2", "--batch-size", "32", "--print-config"]) == 0
+    # flags override the file; --epochs replaces the file's steps; dotted names and aliases set the same setting
+    assert training.main(["--config", str(path), "--epochs", "2", "--train.batch_size", "32", "--print-config"]) == 0
     overridden = json.loads(capsys.readouterr().out)
-    assert overridden["epochs"] == 2.0 and overridden["steps"] is None and overridden["batch_size"] == 32
-    assert {k: v for k, v in overridden.items() if k not in ("epochs", "steps", "batch_size")} == \
-        {k: v for k, v in printed.items() if k not in ("epochs", "steps", "batch_size")}
+    assert overridden["train"]["epochs"] == 2.0 and overridden["train"]["steps"] is None
+    assert overridden["train"]["batch_size"] == 32
+    for section in ("data", "model", "diffusion", "sample", "task"):
+        assert overridden[section] == printed[section]
+
+
+def test_every_setting_has_a_dotted_flag_and_aliases_name_real_settings(capsys):
+    defaults = RunConfig().to_dict()
+    parser = training.build_parser()
+    options = set(parser._option_string_actions)
+    for section, fields in defaults.items():
+        for name in fields:
+            assert f"--{section}.{name}" in options
+    for alias, dotted in ALIASES.items():
+        section, name = dotted.split(".")
+        assert name in defaults[section] and f"--{alias}" in options
+    assert training.main(["--train.learning-rate", "0.01", "--lr-decay", "linear", "--print-config"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["train"]["learning_rate"] == 0.01 and printed["train"]["lr_decay"] == "linear"
 
 
 def test_defaults_are_the_mnist_main_job(capsys):
     assert training.main(["--print-config"]) == 0
     config = json.loads(capsys.readouterr().out)
-    assert (config["dataset"], config["image_size"], config["schedule"], config["predictor"],
-            config["time_sampler"]) == ("mnist", 32, "rectified_flow", "velocity", "logit_normal")
-    assert config["cond_drop_prob"] == 0.1 and config["ema_decay"] > 0 and config["grad_accum_steps"] == 1
+    assert (config["data"]["dataset"], config["data"]["image_size"], config["diffusion"]["schedule"],
+            config["diffusion"]["predictor"], config["diffusion"]["time_sampler"]) == \
+        ("mnist", 32, "rectified_flow", "velocity", "logit_normal")
+    assert config["diffusion"]["cond_drop_prob"] == 0.1 and config["train"]["ema_decay"] > 0
+    # the main job's sampling settings travel with its checkpoints (docs/main_job.md measured them)
+    assert (config["sample"]["sampler"], config["sample"]["steps"], config["sample"]["guidance"]) == \
+        ("dpmpp_2m", 20, 3.0)
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--bogus"], "unrecognized arguments: --bogus"),
-    (["--schedule", "nope"], "--schedule 'nope' is unknown; accepted: cosine"),
+    (["--schedule", "nope"], "diffusion.schedule 'nope' is invalid; accepted: cosine"),
     (["--time-sampler", "nope"], "logit_normal"),
-    (["--preview-sampler", "nope"], "unipc"),
+    (["--preview-sampler", "nope"], "sample.sampler 'nope' is invalid; accepted:"),
     (["--steps", "3", "--epochs", "1"], "--steps and --epochs conflict"),
     (["--resume", "--overwrite"], "--resume and --overwrite conflict"),
-    (["--batch-size", "10", "--grad-accum-steps", "3"], "--batch-size 10 is not divisible by --grad-accum-steps 3"),
-    (["--schedule", "cosine", "--shift", "2"], "--shift applies to the rectified_flow schedule"),
-    (["--model-config", "[1]"], "expected a JSON object"),
-    (["--model", "autoencoder"], "not a diffusion model"),
+    (["--batch-size", "10", "--grad-accum-steps", "3"],
+     "train.batch_size 10 is not divisible by train.grad_accum_steps 3"),
+    (["--schedule", "cosine", "--shift", "2"], "diffusion.shift applies to the rectified_flow schedule"),
+    (["--model-config", "[1]"], "accepted: a JSON object"),
+    (["--model", "autoencoder"], "a diffusion model preset"),
+    (["--lr", "nan"], "train.learning_rate nan is invalid; accepted: a finite number > 0"),
+    (["--lr", "inf"], "train.learning_rate inf is invalid"),
+    (["--lr", "0"], "train.learning_rate 0.0 is invalid; accepted: a finite number > 0"),
+    (["--lr", "fast"], "train.learning_rate 'fast' is invalid; accepted: a finite number"),
+    (["--steps", "0"], "train.steps 0 is invalid; accepted: an integer >= 1"),
+    (["--steps", "-3"], "train.steps -3 is invalid"),
+    (["--batch-size", "0"], "train.batch_size 0 is invalid; accepted: an integer >= 1"),
+    (["--image-size", "0"], "data.image_size 0 is invalid"),
+    (["--checkpoint-every", "0"], "train.checkpoint_every 0 is invalid"),
+    (["--ema-decay", "1"], "train.ema_decay 1.0 is invalid"),
+    (["--cond-drop-prob", "1.5"], "diffusion.cond_drop_prob 1.5 is invalid"),
+    (["--guidance", "-2"], "sample.guidance -2.0 is invalid; accepted: a finite number >= 0"),
+    (["--guidance-interval", "[3, 1]"], "sample.guidance_interval [3, 1] is invalid"),
+    (["--sample-steps", "0"], "sample.steps 0 is invalid"),
+    (["--precision", "float16"], "train.compute_dtype 'float16' is invalid; accepted: float32, bfloat16"),
+    (["--channels", "2"], "data.channels 2 is invalid; accepted: 1, 3"),
+    (["--random-flip", "maybe"], "data.random_flip 'maybe' is invalid; accepted: true or false"),
+    (["--task", "reflow"], "task.name reflow needs task.reflow_from"),
 ])
 def test_bad_flags_fail_with_the_message(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
         training.main(argv)
     assert exc.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("training.py: error:") and message in err
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("training.py: error:") and message in err
 
 
-def test_bad_config_file_keys_are_named(tmp_path, capsys):
-    path = tmp_path / "bad.json"
-    path.write_text(json.dumps({"steps": 3, "learning_rat": 1e-3}))
-    with pytest.raises(SystemExit):
+@pytest.mark.parametrize("name, text, message", [
+    ("bad.json", json.dumps({"train": {"steps": 3, "learning_rat": 1e-3}}), "unknown setting train.learning_rat"),
+    ("flat.json", json.dumps({"steps": 3}), "unknown section 'steps'"),
+    ("str.json", json.dumps({"train": {"learning_rate": "0.001"}}), "train.learning_rate '0.001' is invalid"),
+    ("nan.json", '{"train": {"learning_rate": NaN}}', "NaN is not a finite number"),
+    ("syntax.json", '{"train": {"steps": 3,,}}', "JSON syntax error at line 1"),
+    ("syntax.yaml", "train:\n  steps: [3\n  lr: 2\n", "YAML syntax error at line"),
+    ("list.yaml", "- 1\n- 2\n", "expected a mapping of sections"),
+    ("count.yaml", "train:\n  steps: 0\n", "train.steps 0 is invalid"),
+    ("bool.yaml", "data:\n  random_flip: 3\n", "data.random_flip 3 is invalid; accepted: true or false"),
+])
+def test_bad_config_files_are_one_line(tmp_path, capsys, name, text, message):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(SystemExit) as exc:
         training.main(["--config", str(path), "--print-config"])
-    assert "unknown settings ['learning_rat']" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1 and message in err and str(path) in err
 
 
 def test_unknown_dataset_is_one_clear_line(tmp_path):
@@ -147,3 +215,10 @@ def test_unknown_dataset_is_one_clear_line(tmp_path):
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("training.py: error:") and "missing.npz" in last
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.*")), ids=lambda p: p.name)
+def test_shipped_config_files_load(path, capsys):
+    assert training.main(["--config", str(path), "--print-config"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert set(printed) == set(RunConfig().to_dict())

@@ -144,16 +144,21 @@ def load_model(in_dir: str | Path) -> tuple[nn.Module, dict[str, Any], ModelConf
 
 def load_checkpoint_params(checkpoint_dir: str | Path, step: int | None = None, ema: bool = True
                            ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """``(params, model config dict, full run config)`` of a flaxdiff training checkpoint (latest step by
+    """``(params, model config dict, stored run config)`` of a flaxdiff training checkpoint (latest step by
     default; the EMA params unless ``ema=False``)."""
-    from flaxdiff.training import checkpoint
+    from flaxdiff import checkpoints
 
-    run_config = checkpoint.load_config(checkpoint_dir, step)
-    model_config = run_config.get("model")
-    if not isinstance(model_config, Mapping):
-        raise ValueError(f"checkpoint {checkpoint_dir} config has model={model_config!r}; expected the model's "
-                         f"to_config() dict")
-    params = checkpoint.load_params(checkpoint_dir, step, ema=ema)
+    _, ckpt_dir = checkpoints.find_checkpoints(checkpoint_dir)
+    run_config = checkpoints.read_config(ckpt_dir, step)
+    if checkpoints.is_run_config(run_config):
+        model = run_config["model"]
+        model_config = models.get_config(model["name"], **model["options"]).to_config()
+    else:
+        model_config = run_config.get("model")
+        if not isinstance(model_config, Mapping):
+            raise ValueError(f"checkpoint {checkpoint_dir} config has model={model_config!r}; expected the model's "
+                             f"to_config() dict")
+    params = checkpoints.load_params(ckpt_dir, step, ema=ema)
     return params, dict(model_config), run_config
 
 

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers
@@ -112,7 +111,9 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     """Dotted keys whose values differ (run-only training settings such as log intervals are ignored)."""
-    ignore = {f"train.{key}" for key in RUN_ONLY_KEYS}
+    from flaxdiff.config import RUN_ONLY
+
+    ignore = {f"train.{key}" for key in RUN_ONLY_KEYS} | set(RUN_ONLY)
     flat_saved = _flatten(json.loads(json.dumps(saved)))
     flat_current = _flatten(json.loads(json.dumps(current)))
     keys = sorted((set(flat_saved) | set(flat_current)) - ignore)
@@ -205,29 +206,11 @@ class CheckpointManager:
 # Rebuilding from a directory alone
 
 
-def _step_dir(directory: str | Path, step: int | None) -> tuple[Path, int]:
-    directory = Path(directory)
-    steps = sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit()) \
-        if directory.is_dir() else []
-    if not steps:
-        raise ValueError(f"no checkpoint steps in {directory}")
-    if step is None:
-        step = steps[-1]
-    if step not in steps:
-        raise ValueError(f"step {step} is not in {directory}; available: {steps}")
-    return directory / str(step), step
-
-
 def load_config(directory: str | Path, step: int | None = None) -> dict[str, Any]:
-    """The JSON config saved with ``step`` (default: the latest)."""
-    step_dir, _ = _step_dir(directory, step)
-    path = step_dir / CONFIG / "metadata"
-    if not path.exists():
-        candidates = [p for p in (step_dir / CONFIG).iterdir() if p.is_file()]
-        if not candidates:
-            raise ValueError(f"no config in {step_dir}")
-        path = candidates[0]
-    return json.loads(path.read_text())
+    """The JSON config saved with ``step`` (default: the latest); see :func:`flaxdiff.checkpoints.read_config`."""
+    from flaxdiff import checkpoints
+
+    return checkpoints.read_config(directory, step)
 
 
 def build_model(model_config: Mapping[str, Any]) -> Any:
@@ -253,14 +236,8 @@ def load_components(directory: str | Path, step: int | None = None) -> dict[str,
 
 
 def load_params(directory: str | Path, step: int | None = None, ema: bool = True) -> Any:
-    """The (EMA by default) parameters of a checkpoint as host numpy arrays, without knowing the model."""
-    step_dir, _ = _step_dir(directory, step)
-    checkpointer = ocp.StandardCheckpointer()
-    metadata = checkpointer.metadata(step_dir / STATE)
-    tree = metadata.item_metadata if hasattr(metadata, "item_metadata") else metadata
-    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree)
-    restored = checkpointer.restore(step_dir / STATE, abstract)
-    checkpointer.close()
-    params = restored["ema_params" if ema else "params"]
-    return jax.tree.map(np.asarray, params)
+    """The (EMA by default) parameters of a checkpoint as host numpy arrays; see
+    :func:`flaxdiff.checkpoints.load_params`."""
+    from flaxdiff import checkpoints
+
+    return checkpoints.load_params(directory, step, ema)

@@ -22,6 +22,7 @@ DATA_AXES = ("data", "fsdp")
 
 __all__ = [
     "DATA_AXES",
+    "DistributedStartupError",
     "initialize_distributed",
     "make_mesh",
     "batch_sharding",
@@ -35,6 +36,12 @@ __all__ = [
 _ENV_COORDINATOR = "FLAXDIFF_COORDINATOR_ADDRESS"
 _ENV_NUM_PROCESSES = "FLAXDIFF_NUM_PROCESSES"
 _ENV_PROCESS_ID = "FLAXDIFF_PROCESS_ID"
+_ENV_STARTUP_TIMEOUT = "FLAXDIFF_STARTUP_TIMEOUT"
+DEFAULT_STARTUP_TIMEOUT = 30.0
+
+
+class DistributedStartupError(ValueError):
+    """The processes of a multi-process run did not all join in time (one line, for the user)."""
 
 
 def initialize_distributed(
@@ -43,13 +50,18 @@ def initialize_distributed(
     process_id: int | None = None,
     *,
     auto: bool = False,
-    heartbeat_timeout_seconds: int = 100,
+    heartbeat_timeout_seconds: int = 20,
+    startup_timeout: float | None = None,
 ) -> bool:
     """Join a multi-process run through ``jax.distributed.initialize``; returns True if it was initialised.
 
     Explicit arguments win; missing ones are read from FLAXDIFF_COORDINATOR_ADDRESS / FLAXDIFF_NUM_PROCESSES /
     FLAXDIFF_PROCESS_ID. With none of them and ``auto=True`` (TPU pods, SLURM, Open MPI), JAX detects the cluster
-    itself. Otherwise (one process) nothing happens. A peer that stops answering makes every process abort after
+    itself. Otherwise (one process) nothing happens.
+
+    Bounded waits: when the processes have not all joined within ``startup_timeout`` seconds (default 30, or
+    $FLAXDIFF_STARTUP_TIMEOUT) every started process raises :class:`DistributedStartupError` naming the coordinator,
+    its process id and the expected count. A peer that stops answering mid-run makes the others abort after
     ``heartbeat_timeout_seconds`` with the coordination service's error instead of hanging.
     """
     coordinator_address = coordinator_address or os.environ.get(_ENV_COORDINATOR)
@@ -57,6 +69,11 @@ def initialize_distributed(
         num_processes = int(os.environ[_ENV_NUM_PROCESSES])
     if process_id is None and os.environ.get(_ENV_PROCESS_ID):
         process_id = int(os.environ[_ENV_PROCESS_ID])
+    if startup_timeout is None:
+        startup_timeout = float(os.environ.get(_ENV_STARTUP_TIMEOUT, DEFAULT_STARTUP_TIMEOUT))
+    if not (isinstance(startup_timeout, (int, float)) and np.isfinite(startup_timeout) and startup_timeout >= 1):
+        raise ValueError(f"startup timeout {startup_timeout!r} is invalid; accepted: a number of seconds >= 1")
+    timeout = int(np.ceil(startup_timeout))
     explicit = (coordinator_address, num_processes, process_id)
     if any(value is not None for value in explicit):
         if any(value is None for value in explicit):
@@ -65,12 +82,22 @@ def initialize_distributed(
                 f"coordinator_address={coordinator_address!r}, num_processes={num_processes!r}, "
                 f"process_id={process_id!r}"
             )
+        if not num_processes >= 1:
+            raise ValueError(f"num_processes={num_processes} is invalid; accepted: an integer >= 1")
         if not 0 <= process_id < num_processes:
             raise ValueError(f"process_id={process_id} is outside [0, num_processes={num_processes})")
-        jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                                   process_id=process_id, heartbeat_timeout_seconds=heartbeat_timeout_seconds)
+        try:
+            jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                                       process_id=process_id, initialization_timeout=timeout,
+                                       heartbeat_timeout_seconds=heartbeat_timeout_seconds)
+        except Exception as err:  # noqa: BLE001 - jax raises runtime errors of several types here
+            raise DistributedStartupError(
+                f"process {process_id} could not join the {num_processes}-process run at coordinator "
+                f"{coordinator_address} within {timeout} s ({type(err).__name__}); start every process with the "
+                f"same --coordinator-address and --num-processes, or raise --startup-timeout") from None
     elif auto:
-        jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout_seconds)
+        jax.distributed.initialize(initialization_timeout=timeout,
+                                   heartbeat_timeout_seconds=heartbeat_timeout_seconds)
     else:
         return False
     logger.info("process %d of %d joined; %d local / %d global devices", jax.process_index(), jax.process_count(),

@@ -1,0 +1,120 @@
+"""Run directories are never damaged by a refused or failed start, a damaged latest step falls back to the newest
+intact one, and a moved run directory resumes to a bitwise-identical continuation."""
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import training  # noqa: E402
+from flaxdiff import checkpoints  # noqa: E402
+
+# constant LR: the run length is a run-only setting, so a 2-step run resumed to 4 steps is the 4-step run
+TINY = ["--dataset", "digits", "--image-size", "16", "--model", "unet-tiny", "--model-config", "{}",
+        "--batch-size", "8", "--lr-decay", "constant", "--warmup-steps", "0", "--log-every", "1",
+        "--preview-per-class", "0", "--checkpoint-every", "2"]
+
+
+def _snapshot(directory):
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(Path(directory).rglob("*")) if p.is_file()}
+
+
+def _params(workdir, step):
+    return checkpoints.load_params(Path(workdir) / "checkpoints", step, ema=False)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A 2-step run (checkpoint at step 2) and the uninterrupted 4-step run of the same settings."""
+    root = tmp_path_factory.mktemp("rundirs")
+    assert training.main([*TINY, "--steps", "2", "--workdir", str(root / "two")]) == 0
+    assert training.main([*TINY, "--steps", "4", "--workdir", str(root / "four")]) == 0
+    return root
+
+
+def test_moved_run_resumes_bitwise(base, tmp_path):
+    moved = tmp_path / "somewhere" / "else"
+    shutil.copytree(base / "two", moved)
+    assert training.main([*TINY, "--steps", "4", "--workdir", str(moved), "--resume"]) == 0
+    resumed, straight = _params(moved, 4), _params(base / "four", 4)
+    for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight)):
+        np.testing.assert_array_equal(a, b)
+    assert checkpoints.list_steps(moved / "checkpoints") == [2, 4]
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "already holds checkpoints (steps [2]); pass --resume"),
+    (["--resume", "--model-config", '{"base_channels": 8}'], "setting(s) differ: model.options"),
+    (["--resume", "--lr", "0.5"], "was trained with train.learning_rate=0.002, this run has 0.5"),
+    (["--resume", "--dataset", "mnist"], "data.dataset"),
+])
+def test_refused_start_leaves_the_run_directory_byte_identical(base, tmp_path, capsys, argv, message):
+    workdir = tmp_path / "run"
+    shutil.copytree(base / "two", workdir)
+    before = _snapshot(workdir)
+    assert training.main([*TINY, "--steps", "4", "--workdir", str(workdir), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("training.py: error:") and message in err[-1]
+    assert _snapshot(workdir) == before
+
+
+def test_damaged_latest_step_falls_back_to_the_newest_intact_step(base, tmp_path, caplog):
+    workdir = tmp_path / "run"
+    shutil.copytree(base / "four", workdir)
+    # truncate one array file of the latest step's state (a crash mid-write, a full disk)
+    data_files = sorted((workdir / "checkpoints" / "4" / "state").rglob("d/*"), key=lambda p: -p.stat().st_size)
+    data_files[0].write_bytes(data_files[0].read_bytes()[:10])
+    problem = checkpoints.step_problem(workdir / "checkpoints", 4, deep=True)
+    assert problem is not None and "cannot be read" in problem
+    assert checkpoints.step_problem(workdir / "checkpoints", 2, deep=True) is None
+    intact_before = _snapshot(workdir / "checkpoints" / "2")
+    with caplog.at_level("WARNING"):
+        assert training.main([*TINY, "--steps", "4", "--workdir", str(workdir), "--resume"]) == 0
+    assert "checkpoint step 4 is damaged" in caplog.text and "resuming from step 2" in caplog.text
+    # nothing lost: the damaged step is kept aside, the intact step untouched, and the run reaches step 4 again
+    assert (workdir / training.DAMAGED_DIR / "4" / "state").is_dir()
+    assert _snapshot(workdir / "checkpoints" / "2") == intact_before
+    for a, b in zip(jax.tree.leaves(_params(workdir, 4)), jax.tree.leaves(_params(base / "four", 4))):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_missing_metadata_is_named_and_no_intact_step_is_one_line(base, tmp_path, capsys):
+    workdir = tmp_path / "run"
+    shutil.copytree(base / "two", workdir)
+    (workdir / "checkpoints" / "2" / "state" / "_METADATA").unlink()
+    assert checkpoints.step_problem(workdir / "checkpoints", 2) == "state/_METADATA is missing"
+    before = _snapshot(workdir)
+    assert training.main([*TINY, "--steps", "4", "--workdir", str(workdir), "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "has no intact checkpoint (step 2: state/_METADATA is missing)" in err
+    assert _snapshot(workdir) == before
+
+
+def test_unwritable_workdir_is_refused(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    assert training.main([*TINY, "--steps", "1", "--workdir", str(blocker / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "cannot be written" in err or "not a directory" in err
+    assert blocker.read_text() == "x"
+
+
+def test_nan_pixels_are_refused_before_training(tmp_path, capsys):
+    images = np.random.default_rng(0).uniform(size=(20, 8, 8)).astype(np.float32)
+    images[7, 3, 3] = np.nan
+    path = tmp_path / "bad.npz"
+    np.savez(path, images=images, labels=np.arange(20) % 2)
+    assert training.main([*TINY, "--dataset", str(path), "--steps", "1", "--workdir", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "bad.npz" in err and "1 example(s) hold NaN or inf values (the first is example 7)" in err
+    assert not (tmp_path / "w").exists()
+
+
+def test_saved_config_has_no_absolute_paths(base):
+    text = (base / "two" / "config.json").read_text()
+    assert str(base) not in text and json.loads(text)["data"]["dataset"] == "digits"
