@@ -17,7 +17,6 @@ import stat
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -798,18 +797,25 @@ def test_logs_follow_every_worker_or_one(ready_vm):
     follower = subprocess.Popen([BASH, str(TPU), "logs", *N], env=ready_vm.env, cwd=ready_vm.home,
                                 stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        time.sleep(0.5)
+        watchdog = threading.Timer(30, os.killpg, (follower.pid, signal.SIGKILL))  # ends readline on a hang
+        watchdog.start()
+        seen = set()
+        while len(seen) < 4:  # the existing lines, then lines written while it follows
+            line = follower.stdout.readline()
+            assert line, f"tpu logs ended after processes {sorted(seen)}"
+            seen.update(re.findall(r"^\[process (\d)\] process \d done$", line))
         for worker in range(4):
             with open(ready_vm.worker(worker) / "flaxdiff-logs" / "train.log", "a") as log:
                 log.write(f"step 10 on {worker}\n")
         seen = set()
-        deadline = time.monotonic() + 20
-        while len(seen) < 4 and time.monotonic() < deadline:
-            match = re.fullmatch(r"\[process (\d)\] step 10 on (\d)\n", follower.stdout.readline())
+        while len(seen) < 4:
+            line = follower.stdout.readline()
+            assert line, f"tpu logs ended after processes {sorted(seen)}"
+            match = re.fullmatch(r"\[process (\d)\] step 10 on (\d)\n", line)
             if match:
                 assert match.group(1) == match.group(2)
                 seen.add(match.group(1))
-        assert seen == {"0", "1", "2", "3"}
+        watchdog.cancel()
     finally:
         os.killpg(follower.pid, signal.SIGKILL)
         follower.wait()
@@ -963,6 +969,15 @@ def test_recreate_replays_delete_create_wait_setup_mount_and_train_resume(vm, tm
         assert nul_list(home / "train.argv")[7:] == ["--workdir", "gcs/my-bucket/run 1", "--resume"]
         assert (home / "gcsfuse.args").exists()
 
+    proc, calls = vm("recreate", *N, "--accelerator-type", "v4-16", "--yes", "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert calls == []
+    lines = proc.stdout.splitlines()
+    assert lines[3].startswith(f"git -C {shlex.quote(str(project))} ls-files -z")
+    printed = dry_run_calls("\n".join(line for line in lines if line.startswith("gcloud ")))
+    assert [(call[2], call[3]) for call in printed] == steps[:3] + steps[4:], proc.stdout  # one state query
+    assert r"--process-id 1 --workdir gcs/my-bucket/run\ 1 --resume >" in command_of(printed[-1])
+
 
 # ----------------------------------------------------------------- the README walkthrough
 
@@ -1008,11 +1023,16 @@ def test_readme_walkthrough(vm, tmp_path):
             vm.log.unlink()
             follower = subprocess.Popen([BASH, str(TPU), *words], env=vm.env, cwd=checkout, text=True,
                                         stdout=subprocess.PIPE, start_new_session=True)
+            watchdog = threading.Timer(30, os.killpg, (follower.pid, signal.SIGKILL))  # ends readline on a hang
+            watchdog.start()
             seen = set()
             try:
                 while len(seen) < 4:
-                    seen.update(re.findall(r"^\[process (\d)\] process \d done$", follower.stdout.readline()))
+                    line = follower.stdout.readline()
+                    assert line, f"tpu logs ended after processes {sorted(seen)}"
+                    seen.update(re.findall(r"^\[process (\d)\] process \d done$", line))
             finally:
+                watchdog.cancel()
                 os.killpg(follower.pid, signal.SIGKILL)
                 follower.wait()
             calls = vm.calls()
