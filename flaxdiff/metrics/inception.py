@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
@@ -336,8 +336,3 @@ def init_params(key: jax.Array, image_size: int = INPUT_SIZE) -> Any:
     """Random params (for tests and shape checks), initialised on a (1, image_size, image_size, 3) input."""
     return FIDInceptionV3().init(key, jnp.zeros((1, image_size, image_size, 3)))["params"]
 
-
-def param_shapes() -> Sequence[tuple[str, tuple[int, ...]]]:
-    """(path, shape) of every parameter."""
-    shapes = jax.eval_shape(lambda: init_params(jax.random.PRNGKey(0), 75))
-    return [(jax.tree_util.keystr(p), tuple(leaf.shape)) for p, leaf in jax.tree_util.tree_leaves_with_path(shapes)]
