@@ -146,7 +146,7 @@ def train_autoencoder(source: Any, out_dir: str | Path, *, model: str = "autoenc
     start = time.perf_counter()
     trainer.fit(_Images(loader), resume=resume)
     trainer.close()
-    params = trainer.state.params
+    params = jax.device_get(trainer.state.params)     # replicated (fsdp = 1): every process holds all of it
     history = [{k: h[k] for k in ("step", "loss", "mse", "kl", "grad_norm", "lr") if k in h} for h in trainer.history]
     for entry in history:
         logger.info("autoencoder step %d: loss %.5f mse %.5f kl %.4f", entry["step"], entry["loss"], entry["mse"],
@@ -157,7 +157,7 @@ def train_autoencoder(source: Any, out_dir: str | Path, *, model: str = "autoenc
     scaling = models.estimate_latent_scale(trainer.model, params, sample)
     config = config.replace(scaling_factor=float(scaling), shift_factor=None)
     if jax.process_index() == 0:
-        interop.export_params(jax.device_get(params), config, out_dir,
+        interop.export_params(params, config, out_dir,
                               run_config={"history": history, "kl_weight": kl_weight, "steps": steps,
                                           "batch_size": batch_size, "image_size": image_size,
                                           "train_seconds": time.perf_counter() - start})
