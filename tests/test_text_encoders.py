@@ -36,6 +36,15 @@ def _max_diff(ours, theirs) -> float:
     return float(np.max(np.abs(np.asarray(ours, np.float64) - theirs.detach().numpy().astype(np.float64))))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """The references are tiny: one torch thread avoids spinning thread pools on the shared 2-core machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def clip_dirs(tmp_path_factory):
     """Tokenizer files + three tiny CLIP text models: plain (quick_gelu), with projection (gelu), legacy eos=2."""
@@ -157,7 +166,8 @@ def test_clip_export_round_trip_and_torch_reload(clip_dirs, tmp_path):
 
 
 def test_clip_full_size_layout_matches_clip_l14():
-    """CLIP ViT-L/14 text tower (as in SD 1.x text_encoder/): our key map and shapes equal transformers' state dict."""
+    """CLIP ViT-L/14 text tower (SD 1.x text_encoder/): our key map and shapes equal transformers' state dict, and one
+    forward with random full-size weights agrees to 1e-5."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     values = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
@@ -176,6 +186,19 @@ def test_clip_full_size_layout_matches_clip_l14():
         for flax_path, (torch_key, kind) in mapping.items():
             assert shapes[flax_path] == (state[torch_key][::-1] if kind == "dense" else state[torch_key]), flax_path
         assert len(mapping) == len(shapes)
+    # one full-size forward with random weights: last and penultimate hidden states and the projection
+    torch.manual_seed(0)
+    reference = CLIPTextModelWithProjection(CLIPTextConfig(**values)).eval()
+    config = clip.config_from_hf({**values, "model_type": "clip_text_model",
+                                  "architectures": ["CLIPTextModelWithProjection"]})
+    params = clip.from_state_dict({k: v.numpy() for k, v in reference.state_dict().items()}, config)
+    ids = np.asarray([[49406] + list(range(320, 340)) + [49407] * 56], np.int32)
+    ours = jax.jit(clip.CLIPTextTransformer(config).apply)({"params": params}, ids)
+    with torch.no_grad():
+        ref = reference(torch.tensor(ids, dtype=torch.long), output_hidden_states=True)
+    assert _max_diff(ours["last_hidden_state"], ref.last_hidden_state) <= TOL
+    assert _max_diff(ours["hidden_states"][-2], ref.hidden_states[-2]) <= TOL
+    assert _max_diff(ours["text_embeds"], ref.text_embeds) <= TOL
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -513,16 +536,20 @@ def test_text_conditioner_create_accepts_encoder_dirs(clip_dirs, tmp_path):
         text.encode("a cat")
 
 
-def test_encoding_shards_rows_over_the_mesh(clip_dirs):
+def test_encoding_shards_rows_over_the_mesh(clip_dirs, tmp_path):
     """Two forced host devices in a subprocess: rows are split over the ("data", "fsdp") mesh (3 rows padded to 4)
     and equal the single-device result (to float32 rounding: the per-device batch differs)."""
     import subprocess
 
     directory, _ = clip_dirs["proj"]
-    script = Path(__file__).resolve().parent / "helpers" / "text_sharding.py"
+    from helpers.text_sharding import PROMPTS
+
+    helpers = Path(__file__).resolve().parent / "helpers"
+
+    np.savez(tmp_path / "expected.npz", **{k: np.asarray(v) for k, v in _load(directory).encode(PROMPTS).items()})
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
-    result = subprocess.run([sys.executable, str(script), str(directory)], capture_output=True, text=True, env=env,
-                            timeout=300)
+    result = subprocess.run([sys.executable, str(helpers / "text_sharding.py"), str(directory),
+                             str(tmp_path / "expected.npz")], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["devices"] == 2 and report["text_sharding_devices"] == 2
