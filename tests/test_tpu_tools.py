@@ -675,6 +675,25 @@ def test_train_detached_stops_the_others_when_a_worker_cannot_be_reached(ready_v
     assert not (ready_vm.worker(2) / "training.pid").exists()
 
 
+def test_train_reconnects_when_an_ssh_session_drops_and_the_training_goes_on(ready_vm):
+    proc, calls = ready_vm("train", *N, "--", env={"FAKE_GCLOUD_SSH_DROP_WORKER": "2", "FAKE_TRAIN_SECONDS": "1"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "worker 2: ssh connection lost; reconnecting to follow its training (1/5)" in proc.stderr
+    assert "[worker 2] tpu-tools: worker 2: training exited with status 0" in proc.stdout
+    assert "training finished on all 4 workers" in proc.stderr
+    assert sorted(worker_of(call) for call in calls[1:]) == ["0", "1", "2", "2", "3"]  # no reset
+    follow = [command_of(call) for call in calls[1:] if not command_of(call).startswith("set -e;")]
+    assert len(follow) == 1 and "train.exit" in follow[0]
+    assert (ready_vm.worker(2) / "flaxdiff-logs" / "train.exit").read_text() == "exited with status 0\n"
+
+    # A training that fails while nobody is connected still stops the others.
+    proc, calls = ready_vm("train", *N, "--", env={"FAKE_GCLOUD_SSH_DROP_WORKER": "1", "FAKE_TRAIN_FAIL_ID": "1",
+                                                   "FAKE_TRAIN_SECONDS": "60"}, timeout=40)
+    assert proc.returncode == 7, proc.stdout + proc.stderr
+    assert "training failed on worker 1 (exit status 7)" in proc.stderr
+    assert worker_of(calls[-1]) == "0,1,2,3"
+
+
 def test_train_detached_returns_while_training_runs(ready_vm):
     proc, _ = ready_vm("train", *N, "--detach", "--", env={"FAKE_TRAIN_SECONDS": "60"}, timeout=40)
     assert proc.returncode == 0, proc.stderr

@@ -9,7 +9,8 @@ With ``$FAKE_GCLOUD_WORKERS=DIR`` it simulates a TPU VM of ``$FAKE_GCLOUD_NUM_WO
 directories are ``DIR/worker<I>``:
 - ``tpu-vm ssh --worker=W --command=C`` runs ``bash -c C`` in every selected home at once (like gcloud, which runs
   the command concurrently on all selected workers), with ``$FAKE_GCLOUD_WORKER_PATH`` first on PATH, and exits with
-  the largest exit status; ``$FAKE_GCLOUD_SSH_FAIL_WORKER=I`` makes the connection to worker I fail (status 255);
+  the largest exit status; ``$FAKE_GCLOUD_SSH_FAIL_WORKER=I`` makes the connection to worker I fail (status 255),
+  ``$FAKE_GCLOUD_SSH_DROP_WORKER=I`` drops it (status 255) once, after the first output line with " started";
 - ``tpu-vm scp`` copies into the selected homes (``NAME:PATH`` destination) or back from one home
   (``NAME:PATH`` sources);
 - ``tpu-vm describe --format=value(state)`` and ``queued-resources describe --format=value(state.state)`` print the
@@ -65,6 +66,7 @@ def ssh(args: list, root: Path, count: int) -> int:
         print("fake gcloud: interactive ssh is not simulated", file=sys.stderr)
         return 2
     failing = os.environ.get("FAKE_GCLOUD_SSH_FAIL_WORKER")
+    dropping = os.environ.get("FAKE_GCLOUD_SSH_DROP_WORKER")
     env = dict(os.environ)
     env["PATH"] = f"{os.environ['FAKE_GCLOUD_WORKER_PATH']}{os.pathsep}{os.environ['PATH']}"
     procs = []
@@ -74,8 +76,20 @@ def ssh(args: list, root: Path, count: int) -> int:
             procs.append(None)
             continue
         worker_home = home(root, worker)
+        drop = str(worker) == dropping and not (root / f"dropped{worker}").exists()
         procs.append(subprocess.Popen(["bash", "-c", command], cwd=worker_home, env=dict(env, HOME=str(worker_home)),
-                                      stdin=subprocess.DEVNULL))
+                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE if drop else None, text=True))
+        if drop:  # the connection drops right after the remote side printed that it started something
+            for line in procs[-1].stdout:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+                if " started" in line:
+                    (root / f"dropped{worker}").touch()
+                    procs[-1].kill()
+                    procs[-1].wait()
+                    print(f"fake gcloud: connection to worker {worker} closed", file=sys.stderr)
+                    procs[-1] = None
+                    break
     codes = [255 if proc is None else proc.wait() for proc in procs]
     return max(codes)
 
