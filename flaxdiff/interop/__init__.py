@@ -16,8 +16,6 @@ safetensors export/import of any flaxdiff model with its JSON config.
 from flaxdiff.interop import diffusers_vae, safetensors_io
 from flaxdiff.interop.diffusers_vae import load_autoencoder, load_diffusers_autoencoder, save_diffusers_autoencoder
 from flaxdiff.interop.safetensors_io import export_checkpoint, export_params, import_params, load_model
-from flaxdiff.interop import text_encoders
-from flaxdiff.interop.text_encoders import load_text_encoder
 from flaxdiff.interop import diffusers_dit, diffusers_pipeline, diffusers_scheduler, diffusers_unet
 from flaxdiff.interop.diffusers_dit import load_diffusers_dit, save_diffusers_dit
 from flaxdiff.interop.diffusers_pipeline import DiffusersPipeline, load_diffusers_pipeline
@@ -31,3 +29,13 @@ __all__ = [
     "DiffusersPipeline", "DiffusersScheduler", "load_diffusers_dit", "load_diffusers_pipeline", "load_diffusers_unet",
     "save_diffusers_dit", "save_diffusers_unet",
 ]
+
+
+def __getattr__(name: str):
+    """``text_encoders`` and ``load_text_encoder`` are imported on first use (they pull in flaxdiff.data)."""
+    if name in ("text_encoders", "load_text_encoder"):
+        import importlib
+
+        text_encoders = importlib.import_module("flaxdiff.interop.text_encoders")
+        return text_encoders if name == "text_encoders" else text_encoders.load_text_encoder
+    raise AttributeError(f"module 'flaxdiff.interop' has no attribute {name!r}")
