@@ -258,3 +258,30 @@ def test_weights_loader_reads_pth_and_safetensors_and_names_bad_files(torch_net,
         inception.params_from_state_dict(partial)
     with pytest.raises(ValueError, match="do not exist; download https://github.com/mseitzer"):
         inception.load_inception_params(tmp_path / "missing.pth")
+
+
+def test_fid_eval_streams_samples_against_a_dataset_or_its_stats_file(run_dir, tmp_path):
+    """fid_eval of the tiny training.py checkpoint (16x16 digits) with a fixed projection as the feature map: the
+    dataset and its saved stats give the same FID, equal to the FID of the same samples generated in one go."""
+    from flaxdiff.pipeline import Pipeline
+
+    projection = np.random.default_rng(0).normal(size=(256, 12))
+
+    def feature_fn(images):
+        return np.tanh(np.asarray(images).mean(-1).reshape(len(images), -1) @ projection / 16.0)
+
+    stats_path = tmp_path / "digits_ref.npz"
+    by_dataset = fid.fid_eval(run_dir, "digits", num_samples=20, steps=2, batch_size=10, feature_fn=feature_fn,
+                              save_ref_stats=stats_path)
+    by_stats = fid.fid_eval(run_dir, stats_path, num_samples=20, steps=2, batch_size=10, feature_fn=feature_fn)
+    assert by_dataset["num_samples"] == by_stats["num_samples"] == 20
+    assert by_stats["ref_count"] == by_dataset["ref_count"] == len(__import__("flaxdiff").data.digits_source())
+    assert by_stats["fid"] == pytest.approx(by_dataset["fid"], rel=1e-12) and by_stats["fid"] > 0
+    pipe = Pipeline.from_pretrained(run_dir)
+    chunks = [pipe.generate(labels=(np.arange(s, s + 10) % pipe.num_classes).astype(np.int32), steps=2,
+                            seed=1000003 * j, output="float", batch_size=10) for j, s in enumerate((0, 10))]
+    features = feature_fn(np.concatenate(chunks))
+    want = fid.frechet_distance(features.mean(0), np.cov(features, rowvar=False), *fid.load_stats(stats_path))
+    assert by_stats["fid"] == pytest.approx(want, rel=1e-9)
+    with pytest.raises(ValueError, match="needs the Inception weights: pass weights=PATH"):
+        fid.fid_eval(run_dir, stats_path, num_samples=4)

@@ -25,6 +25,7 @@ See docs/fid.md for the download command.
 """
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import Any, Mapping
@@ -279,11 +280,17 @@ def params_from_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     return params
 
 
-def _check_params(params: Mapping[str, Any]) -> None:
-    """Same tree and shapes as a freshly initialised :class:`FIDInceptionV3`."""
+@functools.lru_cache(maxsize=1)
+def _expected_shapes() -> dict[str, tuple[int, ...]]:
     expected = jax.eval_shape(lambda: FIDInceptionV3().init(jax.random.PRNGKey(0),
                                                             jnp.zeros((1, 75, 75, 3)))["params"])
-    want = {jax.tree_util.keystr(path): leaf.shape for path, leaf in jax.tree_util.tree_leaves_with_path(expected)}
+    return {jax.tree_util.keystr(path): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(expected)}
+
+
+def _check_params(params: Mapping[str, Any]) -> None:
+    """Same tree and shapes as a freshly initialised :class:`FIDInceptionV3`."""
+    want = _expected_shapes()
     got = {jax.tree_util.keystr(path): np.shape(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
     missing = sorted(set(want) - set(got))
     if missing:
