@@ -165,6 +165,26 @@ def test_clip_export_round_trip_and_torch_reload(clip_dirs, tmp_path):
     assert _max_diff(first["text"], skip) <= TOL
 
 
+def test_reference_save_survives_moving_the_run_with_its_encoder(clip_dirs, tmp_path):
+    """save(copy_weights=False) writes only the options and the source path relative to the save dir (tried first)
+    and absolute; moving both together keeps it loadable, a missing source is a clear error."""
+    directory, _ = clip_dirs["plain"]
+    shutil.copytree(directory, tmp_path / "old" / "encoders" / "clip")
+    encoder = load_text_encoder(tmp_path / "old" / "encoders" / "clip", layer="penultimate")
+    saved = Path(encoder.save(tmp_path / "old" / "run" / "text_encoder", copy_weights=False))
+    assert sorted(p.name for p in saved.iterdir()) == ["flaxdiff_text_encoder.json"]
+    (tmp_path / "old").rename(tmp_path / "new")
+    moved = load_text_encoder(tmp_path / "new" / "run" / "text_encoder")
+    assert moved.path == str((tmp_path / "new" / "encoders" / "clip").resolve())
+    assert moved.options == encoder.options
+    reference = _load(directory, layer="penultimate").encode(tm.PROMPTS[:12])
+    for key, value in moved.encode(tm.PROMPTS[:12]).items():
+        np.testing.assert_array_equal(np.asarray(value), np.asarray(reference[key]))
+    shutil.rmtree(tmp_path / "new" / "encoders")
+    with pytest.raises(ValueError, match="references the text encoder at '../../encoders/clip'"):
+        load_text_encoder(tmp_path / "new" / "run" / "text_encoder")
+
+
 def test_clip_full_size_layout_matches_clip_l14():
     """CLIP ViT-L/14 text tower (SD 1.x text_encoder/): our key map and shapes equal transformers' state dict, and one
     forward with random full-size weights agrees to 1e-5."""

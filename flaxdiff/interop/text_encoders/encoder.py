@@ -24,6 +24,7 @@ import dataclasses
 import importlib
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -32,15 +33,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxdiff.data.captions import TextConditioner
-from flaxdiff.interop.text_encoders import clip, tokenizers
+from flaxdiff.interop.text_encoders import tokenizers
 from flaxdiff.interop.text_encoders.layers import layer_norm, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EncodeOptions", "OPTIONS_FILE", "PretrainedTextEncoder", "detect_kind", "is_text_encoder_dir",
+__all__ = ["COPY_LIMIT_BYTES", "EncodeOptions", "OPTIONS_FILE", "PretrainedTextEncoder", "detect_kind", "is_text_encoder_dir",
            "load_text_encoder"]
 
 OPTIONS_FILE = "flaxdiff_text_encoder.json"
+#: ``save()`` copies the weights when the params take at most this many bytes, else it references the source.
+COPY_LIMIT_BYTES = 2 * 2 ** 30
 KINDS = ("clip", "t5", "openclip")
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "spiece.model")
 
@@ -253,23 +256,49 @@ class PretrainedTextEncoder(TextConditioner):
         """Per-example tokenizer for :func:`flaxdiff.data.make_loader` (picklable)."""
         return self.text_tokenizer.encode_one
 
-    def save(self, out_dir: str | Path) -> str:
-        """Write a self-contained copy (weights in the reference layout, tokenizer files and the encode options in
-        ``flaxdiff_text_encoder.json``); :func:`load_text_encoder` reads it back. Returns the absolute path."""
+    def save(self, out_dir: str | Path, copy_weights: bool | None = None) -> str:
+        """Write ``out_dir`` so that :func:`load_text_encoder` reads this encoder back; returns its absolute path.
+
+        copy_weights=True: a self-contained copy (weights in the reference layout, tokenizer files, and the encode
+        options in ``flaxdiff_text_encoder.json``). copy_weights=False: only the options file, naming the source
+        directory relative to ``out_dir`` (tried first, so a run directory moved together with its encoder still
+        loads) and absolute. None (default): copy when the params take at most :data:`COPY_LIMIT_BYTES`.
+        """
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        _backend(self.kind).save(jax.device_get(self.params), self.config, out_dir)
-        for name, content in self.text_tokenizer.files().items():
-            target = out_dir / name
-            if isinstance(content, bytes):
-                target.write_bytes(content)
-            else:
-                target.write_text(content, encoding="utf-8")
-        options = {"kind": self.kind, **dataclasses.asdict(self.options), "dtype": self.dtype}
+        size = sum(int(np.prod(leaf.shape)) * leaf.dtype.itemsize for leaf in jax.tree.leaves(self.params))
+        if copy_weights is None:
+            copy_weights = size <= COPY_LIMIT_BYTES or self.path is None
+        options: dict[str, Any] = {"kind": self.kind, **dataclasses.asdict(self.options), "dtype": self.dtype}
+        if copy_weights:
+            _backend(self.kind).save(jax.device_get(self.params), self.config, out_dir)
+            for name, content in self.text_tokenizer.files().items():
+                target = out_dir / name
+                if isinstance(content, bytes):
+                    target.write_bytes(content)
+                else:
+                    target.write_text(content, encoding="utf-8")
+        else:
+            if self.path is None:
+                raise ValueError("copy_weights=False needs an encoder loaded from a directory (self.path is None)")
+            source = Path(self.path).absolute()
+            options.update(source=os.path.relpath(source, out_dir.absolute()), source_absolute=str(source))
         (out_dir / OPTIONS_FILE).write_text(json.dumps(options, indent=2))
-        self.path = str(out_dir.absolute())
-        logger.info("saved %s text encoder to %s", self.kind, self.path)
-        return self.path
+        logger.info("saved %s text encoder (%.1f MB of params, %s) to %s", self.kind, size / 2 ** 20,
+                    "copied" if copy_weights else f"referencing {options.get('source_absolute')}", out_dir)
+        if copy_weights:
+            self.path = str(out_dir.absolute())
+        return str(out_dir.absolute())
+
+
+def _resolve_source(path: Path, saved: dict[str, Any]) -> Path:
+    """The encoder directory a reference-only save points at: relative to ``path`` first, then absolute."""
+    for candidate in (path / saved["source"], Path(saved.get("source_absolute", ""))):
+        if str(candidate) and candidate.is_dir():
+            return candidate.resolve()
+    raise ValueError(f"{path / OPTIONS_FILE} references the text encoder at {saved['source']!r} (relative) / "
+                     f"{saved.get('source_absolute')!r}, and neither exists; copy the encoder there or save it with "
+                     f"copy_weights=True")
 
 
 def load_text_encoder(path: str | Path, dtype: str | None = None, *, subfolder: str | None = None,
@@ -298,6 +327,13 @@ def load_text_encoder(path: str | Path, dtype: str | None = None, *, subfolder: 
                          f"text_encoder_3)")
     kind = detect_kind(path)
     saved = _json(path / OPTIONS_FILE)
+    if "source" in saved:  # a reference-only save: load the source with the saved options as defaults
+        source = _resolve_source(path, saved)
+        saved_options = {key: saved[key] for key in ("layer", "final_norm", "max_length", "use_mask")}
+        explicit = {key: value for key, value in (("layer", layer), ("final_norm", final_norm),
+                                                  ("max_length", max_length), ("use_mask", use_mask))
+                    if value is not None}
+        return load_text_encoder(source, dtype or saved.get("dtype"), mesh=mesh, **{**saved_options, **explicit})
     dtype = dtype or saved.get("dtype") or "float32"
     resolve_dtype(dtype)
     base = EncodeOptions(**{key: saved[key] for key in ("layer", "final_norm", "max_length", "use_mask")
