@@ -12,7 +12,11 @@ What goes into ``cond`` (``EncodeOptions``, saved with the encoder in ``flaxdiff
     text_mask  use_mask=True: the tokenizer's attention mask (1 up to the first EOS), also given to the encoder;
                use_mask=False: all True and the encoder sees every token (SD 1.x/2.x/XL, SD3 and Flux convention)
     pooled     CLIP: text_embeds (projected EOS state) with a projection, else the EOS state;
-               OpenCLIP: the projected pooled state; T5: mean of the last hidden state over the text_mask tokens
+               OpenCLIP: the projected pooled state; T5: mean of the last hidden state over the prompt's tokens
+               (BOS..EOS, whatever use_mask)
+
+``encoder.outputs(ids, mask)`` gives every module output (all hidden states as the reference returns them: for T5
+the last entry is the normed output, as in transformers 5), ``encoder.tokenize(texts)`` the ids and mask.
 
 Defaults: use_mask False for CLIP / OpenCLIP (causal: padding never changes the prompt's states), True for T5.
 Encoding a batch shards its rows over a ("data", "fsdp") mesh of the local devices when there are several
