@@ -82,6 +82,15 @@ class Pipeline:
                    run.null_cond, run.decode, run.config if run.config is not None else run.raw_config, run.step,
                    run.text, run.sample)
 
+    @classmethod
+    def from_diffusers(cls, path: str | Path, dtype: str = "float32") -> Any:
+        """A diffusers StableDiffusion / SDXL / DiT pipeline directory ready to sample with any flaxdiff sampler:
+        a :class:`flaxdiff.interop.diffusers_pipeline.DiffusersPipeline` (``generate(prompts=...)`` /
+        ``generate(labels=...)``; see docs/diffusers.md)."""
+        from flaxdiff.interop.diffusers_pipeline import DiffusersPipeline
+
+        return DiffusersPipeline.from_pretrained(path, dtype=dtype)
+
     def with_params(self, params: Any) -> "Pipeline":
         """The same pipeline with other params (e.g. the trainer's EMA params during training)."""
         clone = object.__new__(Pipeline)

@@ -175,6 +175,14 @@ def test_dit_matches_diffusers(tmp_path, monkeypatch):
         ours.generate(labels=[1200])
 
 
+def test_pipeline_from_diffusers(sd_dir):
+    from flaxdiff.pipeline import Pipeline
+
+    pipe = Pipeline.from_diffusers(sd_dir)
+    assert isinstance(pipe, DiffusersPipeline) and pipe.kind == "sd" and pipe.scheduler.sampler == "ddim"
+    assert pipe.latent_shape() == (8, 8, 4) and pipe.latent_shape(32, 16) == (16, 8, 4)
+
+
 def test_pipeline_errors(sd_pipe, tmp_path):
     with pytest.raises(ValueError, match="takes prompts"):
         sd_pipe.generate(labels=[1])
