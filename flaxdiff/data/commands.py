@@ -9,8 +9,9 @@ SRC of ``convert`` is an image folder (optional class sub-folders; captions from
 ``captions.jsonl`` or ``captions.csv``), a CSV / JSONL table of image paths and captions, an ``.npz``, ``mnist``,
 ``digits`` or ``tfds:NAME``. ``encode`` reads a converted directory (or any of those). See docs/data.md.
 
-:func:`add_parsers` adds the ``data`` sub-command to the ``flaxdiff`` parser; :func:`run` executes it and returns the
-exit status (bad input: one ``flaxdiff: error: ...`` line, status 2).
+:func:`add_parsers` adds the ``data`` sub-command to the ``flaxdiff`` parser; :func:`command` executes it and returns
+the result dict (bad input raises ValueError); :func:`run` prints it and returns the exit status (bad input: one
+``flaxdiff: error: ...`` line, status 2).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["add_parsers", "run", "main"]
+__all__ = ["add_parsers", "command", "main", "run"]
 
 
 def add_parsers(subparsers: Any) -> argparse.ArgumentParser:
@@ -134,10 +135,16 @@ def _fid_stats(args: argparse.Namespace) -> dict[str, Any]:
 COMMANDS = {"convert": _convert, "encode": _encode, "info": _info, "fid-stats": _fid_stats}
 
 
+def command(args: argparse.Namespace) -> dict[str, Any]:
+    """Execute a parsed ``data`` command and return its result (bad input raises ValueError): the form the
+    ``flaxdiff`` CLI's command table takes."""
+    return COMMANDS[args.data_command](args)
+
+
 def run(args: argparse.Namespace) -> int:
     """Execute a parsed ``data`` command: the result as JSON on stdout, status 0; a ValueError -> status 2."""
     try:
-        result = COMMANDS[args.data_command](args)
+        result = command(args)
     except ValueError as err:
         sys.stderr.write(f"flaxdiff: error: {err}\n")
         return 2

@@ -33,7 +33,8 @@ from flaxdiff.metrics import inception
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FeatureStats", "InceptionExtractor", "fid_eval", "frechet_distance", "load_stats", "save_stats",
+__all__ = ["FeatureStats", "InceptionExtractor", "add_eval_arguments", "eval_command", "fid_eval", "frechet_distance",
+           "load_stats", "save_stats",
            "stats_of_batches", "stats_of_images", "stats_of_source"]
 
 FeatureFn = Callable[[np.ndarray], np.ndarray]
@@ -284,17 +285,19 @@ def reference_stats(ref: str | Path, feature_fn: FeatureFn, batch_size: int = 64
     return stats.mu, stats.sigma, stats.count
 
 
-def fid_eval(checkpoint_dir: str | Path, ref: str | Path, weights: str | Path | None = None,
-             num_samples: int = 10000, sampler: str = "unipc", steps: int = 20, guidance_scale: float | None = None,
-             seed: int = 0, batch_size: int = 250, feature_batch_size: int = 64, step: int | None = None,
-             ema: bool = True, save_ref_stats: str | Path | None = None,
-             feature_fn: FeatureFn | None = None) -> dict[str, Any]:
-    """FID of ``num_samples`` samples of a checkpoint against ``ref`` (stats ``.npz`` or dataset), streaming.
+def fid_eval(checkpoint_dir: Any, ref: str | Path, weights: str | Path | None = None,
+             num_samples: int = 10000, sampler: str | None = None, steps: int | None = None,
+             guidance_scale: float | None = None, seed: int = 0, batch_size: int = 250, feature_batch_size: int = 64,
+             step: int | None = None, ema: bool | None = None, save_ref_stats: str | Path | None = None,
+             feature_fn: FeatureFn | None = None, **sample_settings: Any) -> dict[str, Any]:
+    """FID of ``num_samples`` samples of a checkpoint (a run directory or a loaded
+    :class:`~flaxdiff.pipeline.Pipeline`) against ``ref`` (stats ``.npz`` or dataset), streaming.
 
     Samples are drawn ``batch_size`` at a time (chunk j with seed ``seed + 1000003 j``), scored and dropped, so
     memory is bounded whatever ``num_samples``. Class-conditional models draw labels ``i mod num_classes``;
     text-conditioned models take the captions of ``ref`` in order (ref must then be a captioned dataset).
-    ``weights`` is the FID Inception weight file (or pass any ``feature_fn`` on [-1, 1] images).
+    ``weights`` is the FID Inception weight file (or pass any ``feature_fn`` on [-1, 1] images). Sampling settings
+    left None (sampler, steps, guidance, ``grid``, ``guidance_interval`` in ``sample_settings``) are the run's.
     """
     from flaxdiff.pipeline import Pipeline
 
@@ -304,7 +307,8 @@ def fid_eval(checkpoint_dir: str | Path, ref: str | Path, weights: str | Path | 
         if weights is None:
             raise ValueError(f"FID needs the Inception weights: pass weights=PATH ({inception.FID_WEIGHTS_URL})")
         feature_fn = InceptionExtractor.from_weights(weights, batch_size=feature_batch_size)
-    pipe = Pipeline.from_pretrained(checkpoint_dir, step=step, ema=ema)
+    pipe = checkpoint_dir if isinstance(checkpoint_dir, Pipeline) else Pipeline.from_pretrained(
+        checkpoint_dir, step=step, ema=ema)
     ref_mu, ref_sigma, ref_count = reference_stats(ref, feature_fn, feature_batch_size, pipe.image_shape[0])
     if save_ref_stats is not None:
         save_stats(save_ref_stats, (ref_mu, ref_sigma), ref_count)
@@ -328,7 +332,8 @@ def fid_eval(checkpoint_dir: str | Path, ref: str | Path, weights: str | Path | 
         else:
             kwargs["num_images"] = rows
         images = pipe.generate(sampler=sampler, steps=steps, guidance_scale=guidance_scale,
-                               seed=seed + 1000003 * chunk_index, output="float", batch_size=batch_size, **kwargs)
+                               seed=seed + 1000003 * chunk_index, output="float", batch_size=batch_size,
+                               **kwargs, **sample_settings)
         features = np.asarray(feature_fn(images), np.float64)
         if stats.dim == 0:
             stats = FeatureStats(features.shape[1])
@@ -336,5 +341,43 @@ def fid_eval(checkpoint_dir: str | Path, ref: str | Path, weights: str | Path | 
         logger.info("fid: %d / %d samples scored", stats.count, num_samples)
     value = frechet_distance(stats.mu, stats.sigma, ref_mu, ref_sigma)
     return {"fid": value, "num_samples": stats.count, "ref": str(ref), "ref_count": ref_count,
-            "sampler": sampler, "steps": steps, "guidance": guidance_scale, "seed": seed, "step": pipe.step,
-            "ema": ema, "checkpoint_dir": str(Path(checkpoint_dir).absolute())}
+            "sampler": sampler, "steps": steps, "guidance_scale": guidance_scale, **sample_settings, "seed": seed,
+            "step": pipe.step, "ema": ema}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The ``flaxdiff eval --metric fid`` hooks
+
+
+def add_eval_arguments(parser: Any) -> None:
+    """The FID options of ``flaxdiff eval``: ``--metric {classifier,fid}``, ``--ref``, ``--weights``,
+    ``--num-samples``, ``--save-ref-stats``."""
+    parser.add_argument("--metric", default="classifier", choices=("classifier", "fid"),
+                        help="classifier: MNIST digit classifier accuracy + Fréchet distance; fid: Inception FID")
+    parser.add_argument("--ref", default=None,
+                        help="FID reference: a stats .npz (mu, sigma) or a dataset (folder, converted dir, mnist...)")
+    parser.add_argument("--weights", default=None,
+                        help=f"FID Inception weights ({Path(inception.FID_WEIGHTS_URL).name} or its safetensors)")
+    parser.add_argument("--num-samples", type=int, default=10000, help="FID samples (streamed in --batch-size)")
+    parser.add_argument("--save-ref-stats", default=None, help="also write the reference stats to this .npz")
+
+
+def eval_command(args: Any, pipe: Any, settings: dict[str, Any]) -> dict[str, Any]:
+    """``flaxdiff eval CKPT --metric fid --ref REF --weights W``: :func:`fid_eval` of the loaded ``pipe`` with the
+    CLI's sampling ``settings``, written to ``--out`` (default ``CKPT/fid_step_<step>.json``) unless it exists
+    (``--overwrite``)."""
+    import json
+
+    if args.ref is None:
+        raise ValueError("--metric fid needs --ref: a stats .npz or a dataset")
+    if args.weights is None:
+        raise ValueError(f"--metric fid needs --weights PATH (download {inception.FID_WEIGHTS_URL}; docs/fid.md)")
+    out = Path(args.out) if args.out else Path(args.checkpoint_dir) / f"fid_step_{pipe.step}.json"
+    if out.exists() and not args.overwrite:
+        raise ValueError(f"{out} already exists; pass --overwrite or --out")
+    result = fid_eval(pipe, args.ref, weights=args.weights, num_samples=args.num_samples, seed=args.seed,
+                      batch_size=args.batch_size, save_ref_stats=args.save_ref_stats, **settings)
+    result["checkpoint_dir"] = str(Path(args.checkpoint_dir).absolute())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    return {**result, "out": str(out)}
