@@ -183,6 +183,37 @@ def test_pipeline_from_diffusers(sd_dir):
     assert pipe.latent_shape() == (8, 8, 4) and pipe.latent_shape(32, 16) == (16, 8, 4)
 
 
+def test_fine_tuning_loss_is_diffusers_training_loss(sd_dir, sd_pipe):
+    import jax
+    import jax.numpy as jnp
+    from diffusers import StableDiffusionPipeline
+
+    from flaxdiff import losses
+
+    parts = sd_pipe.training_parts()
+    x0 = np.random.RandomState(6).randn(2, 8, 8, 4).astype(np.float32)
+    eps = np.random.RandomState(7).randn(2, 8, 8, 4).astype(np.float32)
+    cond = sd_pipe.encode_prompts(["a photo of a cat", "the number 3"], 16, 16)
+
+    def loss_fn(params):
+        return losses.diffusion_loss(parts["apply_fn"], params, jnp.asarray(x0), cond, jax.random.key(0),
+                                     parts["schedule"], parts["predictor"], losses.UniformWeighting(),
+                                     parts["time_sampler"], noise=jnp.asarray(eps))
+
+    (loss, metrics), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(parts["params"])
+    reference = StableDiffusionPipeline.from_pretrained(sd_dir, safety_checker=None, requires_safety_checker=False)
+    k = np.round(np.asarray(metrics["t"]) * 1000).astype(np.int64) - 1
+    alpha_bar = reference.scheduler.alphas_cumprod.numpy()[k].reshape(-1, 1, 1, 1)
+    x_t = np.sqrt(alpha_bar) * x0 + np.sqrt(1 - alpha_bar) * eps
+    with torch.no_grad():
+        out = reference.unet(torch.from_numpy(x_t.transpose(0, 3, 1, 2)), torch.from_numpy(k),
+                             torch.from_numpy(np.asarray(cond["text"]))).sample.numpy().transpose(0, 2, 3, 1)
+    assert float(loss) == pytest.approx(float(np.mean((out - eps) ** 2)), rel=1e-4)
+    stepped = jax.tree_util.tree_map(lambda p, g: p - 0.05 * g, parts["params"], grads)
+    assert float(jax.jit(loss_fn)(stepped)[0]) < float(loss)
+    assert parts["null_cond"]["text"].shape == (1,) + cond["text"].shape[1:]
+
+
 def test_pipeline_errors(sd_pipe, tmp_path):
     with pytest.raises(ValueError, match="takes prompts"):
         sd_pipe.generate(labels=[1])

@@ -258,6 +258,33 @@ class DiffusersPipeline:
             return np.asarray(out)
         return self.decode(out)
 
+    def training_parts(self, height: int | None = None, width: int | None = None) -> dict[str, Any]:
+        """What ``flaxdiff.losses.diffusion_loss`` (and the trainer's loss object) needs to fine-tune the denoiser:
+
+            apply_fn      (params, x, c_noise, cond) -> F in the toolkit's convention (timestep k = c_noise T / 1000 - 1;
+                          a DiT returns its eps channels, the learned variance is not trained)
+            params        the denoiser's float32 params
+            schedule      the scheduler's DiscreteVPSchedule; predictor: its epsilon / v / x0 predictor
+            time_sampler  losses.DiscreteTime(): t = i / T, i ~ U{1..T}, i.e. diffusers' k = i - 1 ~ U{0..T-1}
+            null_cond     the unconditional condition for condition dropout (the "" prompt, SDXL's zeros, the null
+                          class), shaped for one row
+
+        With these the loss is diffusers' training loss: || F(alpha_k x0 + sigma_k eps, k, cond) - target ||^2.
+        Text embeddings can be precomputed with :meth:`encode_prompts` (the text encoders stay frozen).
+        """
+        from flaxdiff.losses import DiscreteTime
+
+        module = diffusers_dit if self.kind == "dit" else diffusers_unet
+        if self.kind == "dit":
+            null_cond = {"label": jnp.full((1,), self.config.num_classes, jnp.int32)}
+        else:
+            h, w, _ = self.latent_shape(height, width)
+            pixels_h, pixels_w = h * self.vae_scale_factor, w * self.vae_scale_factor
+            null_cond = self._negative(None, 1, pixels_h, pixels_w)
+        return {"apply_fn": module.c_noise_apply_fn(self.denoiser, self.scheduler.num_train_timesteps),
+                "params": self.params, "schedule": self.scheduler.schedule, "predictor": self.scheduler.predictor,
+                "time_sampler": DiscreteTime(), "null_cond": null_cond}
+
     def decode(self, latents: Array) -> np.ndarray:
         """Images in [0, 1]: clip(VAE.decode(latents / scaling_factor + shift_factor) / 2 + 1 / 2, 0, 1)."""
         images = self._decode({"params": self.vae_params}, unscale_latents(self.vae.config, jnp.asarray(latents)))
