@@ -21,8 +21,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -40,9 +41,9 @@ __all__ = [
     "DiTConfig",
     "DiTTransformer2DModel",
     "c_noise_apply_fn",
+    "diffusers_config_from_dit",
     "dit_config_from_diffusers",
     "dit_key_map",
-    "diffusers_config_from_dit",
     "from_torch_state_dict",
     "load_diffusers_dit",
     "save_diffusers_dit",

@@ -29,8 +29,9 @@ from __future__ import annotations
 import functools
 import json
 import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -45,7 +46,7 @@ logger = logging.getLogger(__name__)
 
 Array = jax.Array
 
-__all__ = ["DiffusersPipeline", "load_diffusers_pipeline", "MODEL_INDEX"]
+__all__ = ["MODEL_INDEX", "DiffusersPipeline", "load_diffusers_pipeline"]
 
 MODEL_INDEX = "model_index.json"
 _KINDS = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", "DiTPipeline": "dit"}
@@ -82,7 +83,7 @@ class DiffusersPipeline:
     # -- loading ---------------------------------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: str = "float32") -> "DiffusersPipeline":
+    def from_pretrained(cls, path: str | Path, dtype: str = "float32") -> DiffusersPipeline:
         """Load a diffusers ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` / ``DiTPipeline`` dir."""
         from flaxdiff.interop.text_encoders import load_text_encoder
 

@@ -33,8 +33,9 @@ import dataclasses
 import json
 import logging
 import math
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -53,8 +54,8 @@ Array = jax.Array
 ModelFn = Callable[[Array, Array, Any], Array]
 
 __all__ = [
-    "SCHEDULER_FILE",
     "SAMPLER_OF_CLASS",
+    "SCHEDULER_FILE",
     "DiffusersGrid",
     "DiffusersScheduler",
     "make_denoiser",
@@ -149,7 +150,7 @@ class DiffusersScheduler:
     set_alpha_to_one: bool = True
 
     @classmethod
-    def from_config(cls, values: Mapping[str, Any]) -> "DiffusersScheduler":
+    def from_config(cls, values: Mapping[str, Any]) -> DiffusersScheduler:
         """Parse a ``scheduler_config.json`` dict; ValueError naming the first value the mapping cannot reproduce."""
         class_name = str(values.get("_class_name", "DDIMScheduler"))
         cfg = {**_COMMON, **_CLASS_DEFAULTS.get(class_name, {}), **values}
@@ -192,7 +193,7 @@ class DiffusersScheduler:
                    set_alpha_to_one=bool(cfg["set_alpha_to_one"]))
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> "DiffusersScheduler":
+    def from_pretrained(cls, path: str | Path) -> DiffusersScheduler:
         """From a diffusers ``scheduler/`` directory or its ``scheduler_config.json`` file."""
         path = Path(path)
         file = path / SCHEDULER_FILE if path.is_dir() else path

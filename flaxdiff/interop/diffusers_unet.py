@@ -31,8 +31,9 @@ import json
 import logging
 import math
 import re
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -48,8 +49,8 @@ Array = jax.Array
 
 __all__ = [
     "CONFIG_FILE",
-    "WEIGHTS_FILE",
     "LIST_MODULES",
+    "WEIGHTS_FILE",
     "UNet2DConditionConfig",
     "UNet2DConditionModel",
     "c_noise_apply_fn",
