@@ -384,8 +384,8 @@ def train_diffusion(config: RunConfig, workdir: Path, resume_step: int | None, o
     import jax
     import numpy as np
 
-    from flaxdiff import checkpoints, models
-    from flaxdiff.training import DiffusionTrainer, save_image_grid
+    from flaxdiff import checkpoints, models, objectives
+    from flaxdiff.training import Trainer, save_image_grid
 
     processes = jax.process_count()
     if config.train.batch_size % processes:
@@ -404,11 +404,15 @@ def train_diffusion(config: RunConfig, workdir: Path, resume_step: int | None, o
     if overwrite and is_main and _checkpoint_dir(workdir).is_dir():
         shutil.rmtree(_checkpoint_dir(workdir))
     saved_config = config.relative_paths(workdir).to_dict()
-    trainer = DiffusionTrainer(model_cfg.make(), model_cfg.to_config(), schedule, predictor, weighting,
-                               time_sampler, build_train_config(config, steps, null_cond), data.example,
-                               workdir=workdir)
-    trainer.full_config = saved_config
-    preview = make_preview(config, workdir, data, model_cfg.make(), schedule, predictor, null_cond)
+    model = model_cfg.make()
+    train_config = build_train_config(config, steps, null_cond)
+    loss = objectives.DiffusionLoss(schedule, predictor, weighting, time_sampler,
+                                    cond_drop_prob=train_config.cond_drop_prob, null_cond=null_cond)
+    if getattr(model_cfg, "mask_ratio", 0.0):
+        loss = objectives.MaskedDiffusionLoss.for_model(model, loss)
+    trainer = Trainer(model, model_cfg.to_config(), train_config=train_config, example_batch=data.example, loss=loss,
+                      workdir=workdir, run_config=saved_config)
+    preview = make_preview(config, workdir, data, model, schedule, predictor, null_cond)
     if preview is not None:
         trainer.sample_fn = preview
     if is_main:
@@ -417,7 +421,7 @@ def train_diffusion(config: RunConfig, workdir: Path, resume_step: int | None, o
         if data.text is not None:
             data.text.save(workdir / checkpoints.TEXT_ENCODER_DIR)
         logger.info("model %s: %s params; %d steps of global batch %d (%.1f epochs of %d examples); workdir %s",
-                    config.model.name, f"{param_count(model_cfg.make(), data.example):,}", steps,
+                    config.model.name, f"{param_count(model, data.example):,}", steps,
                     config.train.batch_size, steps * config.train.batch_size / max(1, len(data.source)),
                     len(data.source), workdir)
     if resume_step is not None:
@@ -466,7 +470,7 @@ def make_preview(config: RunConfig, workdir: Path, data: Data, model: Any, sched
     return preview
 
 
-def train_other(config: RunConfig, workdir: Path) -> Path:
+def train_other(config: RunConfig, workdir: Path, resume: bool = False) -> Path:
     """--task autoencoder (flaxdiff.latents.train_autoencoder into workdir/autoencoder) or --task reflow
     (flaxdiff.reflow.run_reflow from task.reflow_from into workdir)."""
     import jax
@@ -483,7 +487,7 @@ def train_other(config: RunConfig, workdir: Path) -> Path:
             source, workdir / "autoencoder", model=config.task.autoencoder_model, image_size=config.data.image_size,
             channels=config.data.channels, batch_size=local_batch, steps=total_steps(config, len(source)),
             learning_rate=config.train.learning_rate, kl_weight=config.task.kl_weight, seed=config.train.seed,
-            log_every=config.train.log_every)
+            log_every=config.train.log_every, checkpoint_every=config.train.checkpoint_every, resume=resume)
         logger.info("autoencoder written to %s (use --latent-autoencoder %s)", out, out)
         return workdir
     from flaxdiff import checkpoints, reflow
@@ -528,11 +532,12 @@ def run(config: RunConfig, invocation: argparse.Namespace) -> Path:
     workdir = Path(invocation.workdir).expanduser().absolute()
     resume_step = check_run_directory(config, invocation)
     parallel.initialize_distributed(invocation.coordinator_address, invocation.num_processes,
-                                    invocation.process_id, startup_timeout=invocation.startup_timeout)
+                                    invocation.process_id, startup_timeout=invocation.startup_timeout,
+                                    on_startup_timeout=_exit_with_error)
     if config.task.name == "diffusion":
         train_diffusion(config, workdir, resume_step, bool(invocation.overwrite))
     else:
-        train_other(config, workdir)
+        train_other(config, workdir, bool(invocation.resume))
     logger.info("done in %.1f s", time.perf_counter() - start)
     return workdir
 
@@ -554,7 +559,31 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(err).split())
         print(f"training.py: error: {message}", file=sys.stderr)
         return 2
+    except RuntimeError as err:
+        lost_peer_exit(err)
+        raise
     return 0
+
+
+def _exit_with_error(message: str, status: int = 2) -> None:
+    """One error line and an immediate exit (for failures seen outside the main thread)."""
+    sys.stderr.write(f"training.py: error: {message}\n")
+    sys.stderr.flush()
+    sys.stdout.flush()
+    os._exit(status)
+
+
+def lost_peer_exit(err: BaseException) -> None:
+    """In a multi-process run, a collective failing because a peer died ends this process at once with one line
+    (exit status 3), instead of a traceback followed by the coordination service's abort at interpreter exit."""
+    import jax
+
+    if not isinstance(err, jax.errors.JaxRuntimeError) or jax.process_count() < 2:
+        return
+    detail = " ".join(str(err).split())[:300]
+    _exit_with_error(f"process {jax.process_index()} lost contact with another process of the {jax.process_count()}"
+                     f"-process run ({detail}); restart all processes with --resume to continue from the last "
+                     f"checkpoint", status=3)
 
 
 if __name__ == "__main__":

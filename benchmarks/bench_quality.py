@@ -14,7 +14,7 @@ steps/s and compile time on this machine; the real run gets ``steps = rate * (la
 annealed), not runs of their own. Usage:
 
     python benchmarks/bench_quality.py [--variants unet-rf,unet-edm,dit-rf,dit-edm] [--marks 2,5,10] \
-        [--per-class 30] [--workroot /tmp/bench_quality] [--json out.json]
+        [--per-class 30] [--workroot DIR] [--json out.json]
 
 Run it on an otherwise idle machine: every number is a wall-clock budget.
 """
@@ -27,6 +27,7 @@ import os
 import platform
 import shutil
 import subprocess
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -107,7 +108,8 @@ def main() -> None:
     parser.add_argument("--sampler", default="dpmpp_2m")
     parser.add_argument("--sampler-steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=3.0)
-    parser.add_argument("--workroot", default="/tmp/bench_quality")
+    parser.add_argument("--workroot", default=str(Path(tempfile.gettempdir()) / "bench_quality"),
+                        help="directory of the runs (default: <system temp dir>/bench_quality)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--plot", default=None, help="PNG: class accuracy and Fréchet distance against minutes")
     args = parser.parse_args()

@@ -14,7 +14,7 @@ op), and ``flaxdiff.samplers.sample_model(..., sampler="ddim")`` drives the same
 "ours" calls sample_model(grid="uniform") (the grid is rebuilt on every call); "ours, pre-built grid" passes the
 grid as an array (only the compiled loop remains). Usage:
 
-    python benchmarks/bench_sampling_cost.py --peer-venv /work/peer_venv [--json docs/sampling_cost.json] \
+    python benchmarks/bench_sampling_cost.py --peer-venv $PEER_VENV [--json docs/sampling_cost.json] \
         [--plot docs/sampling_cost.png]
 """
 from __future__ import annotations

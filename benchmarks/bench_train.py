@@ -11,7 +11,7 @@ FLAXDIFF_PEER_VENV) the same measurement runs, in the same run, on FlaxDiff 0.2.
 in a subprocess of the peer venv; its MFU uses the matmul peak measured here. Usage:
 
     python benchmarks/bench_train.py [--models unet,unet-tiny,dit] [--batch 32] [--steps 5] [--json out.json] \
-        [--peer-venv /work/peer_venv] [--peer-configs medium,tiny]
+        [--peer-venv $PEER_VENV] [--peer-configs medium,tiny]
 """
 from __future__ import annotations
 

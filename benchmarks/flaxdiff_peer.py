@@ -24,8 +24,8 @@ from typing import Any
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEER_VERSION = "0.2.11"
-CREATE_HINT = ("python3 -m venv /work/peer_venv && /work/peer_venv/bin/pip install flaxdiff==0.2.11; then pass "
-               "--peer-venv /work/peer_venv or set FLAXDIFF_PEER_VENV")
+CREATE_HINT = ("python3 -m venv PEER_VENV && PEER_VENV/bin/pip install flaxdiff==0.2.11 (any directory); then pass "
+               "--peer-venv PEER_VENV or set FLAXDIFF_PEER_VENV")
 
 # FlaxDiff Unet configurations. "medium" is the Unet(feature_depths=(64, 128, 256), num_res_blocks=2,
 # emb_features=256): with attention at the two lower resolutions (8 heads) and a 256-wide text context it has

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run every benchmark once and write its JSON (and plots) into docs/. Usage, from the repository root:
-#   FLAXDIFF_PEER_VENV=/work/peer_venv benchmarks/run_all.sh [python]
+#   FLAXDIFF_PEER_VENV=$PEER_VENV benchmarks/run_all.sh [python]
 # Without FLAXDIFF_PEER_VENV the FlaxDiff 0.2.11 side is skipped with a note (see benchmarks/README.md).
 set -euo pipefail
 PYTHON="${1:-python}"

@@ -1,7 +1,7 @@
 """flaxdiff: diffusion and flow models for JAX and Flax Linen.
 
 The algebra and the samplers are imported eagerly; the heavier subpackages (models, training, data, metrics,
-interop, pipeline) load on first attribute access, so ``import flaxdiff`` stays light.
+interop, pipeline, objectives, config, checkpoints) load on first attribute access, so ``import flaxdiff`` stays light.
 """
 import importlib
 from typing import Any
@@ -10,7 +10,7 @@ from flaxdiff import denoiser, guidance, losses, predictors, samplers, schedules
 
 __version__ = "0.1.0"
 
-_LAZY = ("models", "training", "data", "metrics", "interop", "pipeline")
+_LAZY = ("models", "training", "data", "metrics", "interop", "pipeline", "objectives", "config", "checkpoints")
 
 __all__ = ["denoiser", "guidance", "losses", "predictors", "samplers", "schedules", "timesteps", *_LAZY,
            "__version__"]

@@ -43,6 +43,26 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid; accepted: an integer >= 1") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid; accepted: an integer >= 1")
+    return value
+
+
+def _step(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid; accepted: a checkpoint step (an integer >= 0)") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid; accepted: a checkpoint step (an integer >= 0)")
+    return value
+
+
 def _finite(text: str) -> float:
     try:
         value = float(text)
@@ -68,7 +88,7 @@ def _interval(text: str) -> list[float] | None:
 
 def _add_sampling(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint_dir", help="training run directory or its checkpoints/ directory")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    parser.add_argument("--step", type=_step, default=None, help="checkpoint step (default: the latest)")
     ema = parser.add_mutually_exclusive_group()
     ema.add_argument("--ema", dest="ema", action="store_const", const=True, default=None,
                      help="use the EMA params (default: the run's sample.ema)")
@@ -97,13 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--out", required=True, help="output PNG path")
     sample.add_argument("--classes", type=_int_list, default=None,
                         help="comma-separated classes, one grid row each (default: all classes)")
-    sample.add_argument("--per-class", type=int, default=None,
+    sample.add_argument("--per-class", type=_positive_int, default=None,
                         help="images per class row (default 10, or --num-images / number of classes)")
-    sample.add_argument("--num-images", type=int, default=None,
+    sample.add_argument("--num-images", type=_positive_int, default=None,
                         help="total images (unconditional models, or split evenly over the classes)")
     sample.add_argument("--prompt", "--prompts", dest="prompts", nargs="+", default=None,
                         help="text prompts, one grid row each (text-conditioned checkpoints)")
-    sample.add_argument("--columns", type=int, default=None, help="grid columns (default: images per class)")
+    sample.add_argument("--columns", type=_positive_int, default=None, help="grid columns (default: images per class)")
 
     evaluate = commands.add_parser("eval", help="class accuracy and Fréchet distance of class-conditional samples",
                                    allow_abbrev=False)
@@ -121,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  allow_abbrev=False)
     export.add_argument("checkpoint_dir", help="training run directory or its checkpoints/ directory")
     export.add_argument("out_dir", help="output directory (must not exist or be empty, unless --overwrite)")
-    export.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    export.add_argument("--step", type=_step, default=None, help="checkpoint step (default: the latest)")
     export.add_argument("--no-ema", action="store_true", help="export the raw params instead of the EMA params")
     export.add_argument("--overwrite", action="store_true", help="write into a non-empty output directory")
     return parser

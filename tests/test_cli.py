@@ -64,6 +64,10 @@ def test_sample_refuses_to_overwrite(run_dir, tmp_path, capsys):
     (["--guidance", "abc"], "--guidance: 'abc' is invalid; accepted: a finite number"),
     (["--guidance-interval", "5,1"], "LO,HI with 0 <= LO <= HI"),
     (["--batch-size", "0"], "--batch-size 0 is invalid; accepted: an integer >= 1"),
+    (["--per-class", "0"], "--per-class: '0' is invalid; accepted: an integer >= 1"),
+    (["--num-images", "0"], "--num-images: '0' is invalid; accepted: an integer >= 1"),
+    (["--step", "-1"], "--step: '-1' is invalid; accepted: a checkpoint step"),
+    (["--step", "7"], "step 7 is not in"),
 ])
 def test_sample_bad_input_is_one_line(run_dir, tmp_path, capsys, extra, message):
     before = _snapshot(run_dir)

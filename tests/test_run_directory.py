@@ -118,3 +118,43 @@ def test_nan_pixels_are_refused_before_training(tmp_path, capsys):
 def test_saved_config_has_no_absolute_paths(base):
     text = (base / "two" / "config.json").read_text()
     assert str(base) not in text and json.loads(text)["data"]["dataset"] == "digits"
+
+
+def test_image_folder_with_mixed_modes_batches_at_one_channel_count(tmp_path):
+    from PIL import Image
+
+    from flaxdiff import data
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)
+    images = {"l.png": Image.fromarray(rgb[..., 0], "L"), "rgb.png": Image.fromarray(rgb, "RGB")}
+    images["la.png"] = images["l.png"].convert("LA")
+    images["rgba.png"] = images["rgb.png"].convert("RGBA")
+    images["p.png"] = images["rgb.png"].convert("P")
+    for name, image in images.items():
+        image.save(tmp_path / name)
+    source = data.load_source(str(tmp_path))
+    assert source.channels == 3 and {source[i]["image"].shape for i in range(len(source))} == {(12, 12, 3)}
+    batch = next(data.make_loader(source, 5, 8, seed=0))
+    assert batch["image"].shape == (5, 8, 8, 3)
+    # a grey folder (L, LA and a grey palette) stays one channel
+    grey = tmp_path / "grey"
+    grey.mkdir()
+    for name in ("l.png", "la.png"):
+        images[name].save(grey / name)
+    images["l.png"].convert("P").save(grey / "p.png")
+    assert data.load_source(str(grey)).channels == 1
+    assert next(data.make_loader(data.load_source(str(grey)), 3, 8, seed=0))["image"].shape == (3, 8, 8, 1)
+
+
+def test_reading_a_run_imports_no_trainer_code(base):
+    import subprocess
+
+    code = ("import sys; from flaxdiff.pipeline import Pipeline; "
+            f"pipe = Pipeline.from_pretrained({str(base / 'two')!r}); "
+            "loaded = sorted(m for m in sys.modules if m.startswith(('flaxdiff.training', 'flaxdiff.objectives'))); "
+            "print(pipe.step, pipe.sample.sampler, loaded)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["2", "dpmpp_2m", "[]"]

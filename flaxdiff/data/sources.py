@@ -224,10 +224,27 @@ def _check_image(path: pathlib.Path) -> str | None:
     return None
 
 
-def _load_image(path: pathlib.Path) -> np.ndarray:
+GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+
+
+def _is_gray(path: pathlib.Path) -> bool:
+    """Whether a file decodes to one channel: a grey mode, or a palette whose colours are all grey."""
     with Image.open(path) as img:
-        if img.mode not in ("L", "RGB"):
-            img = img.convert("L" if img.mode in ("1", "LA", "I", "I;16", "F") else "RGB")
+        if img.mode in GRAY_MODES:
+            return True
+        if img.mode in ("P", "PA"):
+            colors = img.convert("RGB").getcolors(maxcolors=1 << 16)
+            return colors is not None and all(r == g == b for _, (r, g, b) in colors)
+        return False
+
+
+def _load_image(path: pathlib.Path, channels: int | None = None) -> np.ndarray:
+    """uint8 (H, W, C) pixels; every mode (L, LA, RGB, RGBA, P, CMYK, ...) converted to ``channels`` (1: "L",
+    3: "RGB"; None: L for grey modes, RGB otherwise). Alpha is dropped."""
+    with Image.open(path) as img:
+        target = {1: "L", 3: "RGB"}.get(channels or 0) or ("L" if img.mode in GRAY_MODES else "RGB")
+        if img.mode != target:
+            img = img.convert(target)
         return _as_hwc(np.asarray(img, dtype=np.uint8))
 
 
@@ -272,6 +289,9 @@ class ImageFolderSource:
         if self.skipped_files:
             logger.warning("Skipped %d corrupt image file(s) in %s", len(self.skipped_files), self.root)
         self.labels = np.asarray(labels, np.int32)
+        # one channel count for the whole folder (mixed L / LA / RGB / RGBA / P files never break a batch): RGB as
+        # soon as one file has colour
+        self.channels = 1 if all(_is_gray(p) for p in self.files) else 3
         found = self._read_captions()
         use_captions = bool(found) if captions is None else captions
         self.captions = [found.get(p, "") for p in self.files] if use_captions else None
@@ -309,7 +329,7 @@ class ImageFolderSource:
     def __getitem__(self, index: int) -> dict[str, Any]:
         path = self.files[index]
         try:
-            image = _load_image(path)
+            image = _load_image(path, self.channels)
         except (UnidentifiedImageError, OSError, ValueError) as err:
             raise ValueError(f"cannot decode image file {str(path)!r}: {err}") from err
         example = {"image": image, "label": self.labels[index]}

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Mapping, Sequence
+import threading
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -44,6 +45,12 @@ class DistributedStartupError(ValueError):
     """The processes of a multi-process run did not all join in time (one line, for the user)."""
 
 
+def _exit_on_timeout(message: str) -> None:
+    logger.critical("%s", message)
+    logging.shutdown()
+    os._exit(2)
+
+
 def initialize_distributed(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
@@ -52,6 +59,7 @@ def initialize_distributed(
     auto: bool = False,
     heartbeat_timeout_seconds: int = 20,
     startup_timeout: float | None = None,
+    on_startup_timeout: Callable[[str], None] | None = None,
 ) -> bool:
     """Join a multi-process run through ``jax.distributed.initialize``; returns True if it was initialised.
 
@@ -60,9 +68,10 @@ def initialize_distributed(
     itself. Otherwise (one process) nothing happens.
 
     Bounded waits: when the processes have not all joined within ``startup_timeout`` seconds (default 30, or
-    $FLAXDIFF_STARTUP_TIMEOUT) every started process raises :class:`DistributedStartupError` naming the coordinator,
-    its process id and the expected count. A peer that stops answering mid-run makes the others abort after
-    ``heartbeat_timeout_seconds`` with the coordination service's error instead of hanging.
+    $FLAXDIFF_STARTUP_TIMEOUT), every started process ends: a watchdog calls ``on_startup_timeout(message)`` with one
+    line naming the coordinator, this process id and the expected count (default: log it and ``os._exit(2)``; JAX's
+    own client would abort the process with a stack trace a little later). A peer that stops answering mid-run makes
+    the others abort after ``heartbeat_timeout_seconds`` instead of hanging.
     """
     coordinator_address = coordinator_address or os.environ.get(_ENV_COORDINATOR)
     if num_processes is None and os.environ.get(_ENV_NUM_PROCESSES):
@@ -86,15 +95,25 @@ def initialize_distributed(
             raise ValueError(f"num_processes={num_processes} is invalid; accepted: an integer >= 1")
         if not 0 <= process_id < num_processes:
             raise ValueError(f"process_id={process_id} is outside [0, num_processes={num_processes})")
+        message = (f"process {process_id} could not join the {num_processes}-process run at coordinator "
+                   f"{coordinator_address} within {timeout} s; start every process with the same "
+                   f"--coordinator-address and --num-processes, or raise --startup-timeout")
+        joined = threading.Event()
+
+        def watchdog() -> None:
+            if not joined.wait(timeout):
+                (on_startup_timeout or _exit_on_timeout)(message)
+
+        threading.Thread(target=watchdog, name="flaxdiff-startup-watchdog", daemon=True).start()
         try:
+            # JAX's own deadline is a backstop behind the watchdog (it aborts the process when it expires)
             jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                                       process_id=process_id, initialization_timeout=timeout,
+                                       process_id=process_id, initialization_timeout=timeout + 30,
                                        heartbeat_timeout_seconds=heartbeat_timeout_seconds)
         except Exception as err:  # noqa: BLE001 - jax raises runtime errors of several types here
-            raise DistributedStartupError(
-                f"process {process_id} could not join the {num_processes}-process run at coordinator "
-                f"{coordinator_address} within {timeout} s ({type(err).__name__}); start every process with the "
-                f"same --coordinator-address and --num-processes, or raise --startup-timeout") from None
+            raise DistributedStartupError(f"{message} ({type(err).__name__})") from None
+        finally:
+            joined.set()
     elif auto:
         jax.distributed.initialize(initialization_timeout=timeout,
                                    heartbeat_timeout_seconds=heartbeat_timeout_seconds)
