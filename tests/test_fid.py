@@ -7,6 +7,7 @@ pytorch-fid imports torchvision, which is not installable here: the few torchvis
 sys.modules with torch-fidelity's torchvision-free copies of the same torch blocks (same submodule names, so
 pytorch-fid's FIDInceptionA/C/E_1/E_2 subclasses build on them and run their own forward passes)."""
 import importlib.util
+import json
 import sys
 import types
 from pathlib import Path
@@ -128,8 +129,8 @@ def test_flax_inception_matches_pytorch_fid_pool_features(torch_net):
     images = np.random.default_rng(0).uniform(size=(2, 24, 20, 3)).astype(np.float32)
     with torch.no_grad():
         want = model(torch.from_numpy(images).permute(0, 3, 1, 2))[0].reshape(2, -1).numpy()
-    extractor = fid.InceptionExtractor(params, batch_size=2, value_range=(0.0, 1.0))
-    got = extractor(images)
+    extractor = fid.InceptionExtractor(params, batch_size=2)  # flaxdiff's [-1, 1] images (the fid-stats program)
+    got = extractor(images * 2.0 - 1.0)
     assert got.shape == (2, 2048)
     assert np.abs(want).mean() > 0.05  # the features are O(1), not vanishing
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
@@ -285,3 +286,29 @@ def test_fid_eval_streams_samples_against_a_dataset_or_its_stats_file(run_dir, t
     assert by_stats["fid"] == pytest.approx(want, rel=1e-9)
     with pytest.raises(ValueError, match="needs the Inception weights: pass weights=PATH"):
         fid.fid_eval(run_dir, stats_path, num_samples=4)
+
+
+def test_fid_stats_command_matches_pytorch_fid_statistics_of_the_same_images(torch_net, tmp_path, capsys):
+    """`flaxdiff data fid-stats FOLDER OUT.npz --weights W` on 3 PNGs equals mean/cov of pytorch-fid's features."""
+    from PIL import Image
+
+    from flaxdiff.data import commands
+
+    model, path = torch_net
+    release = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
+    torch.save(_to_release_names(model, torch.load(path, weights_only=True)), release)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    pixels = np.random.default_rng(5).integers(0, 256, (3, 24, 20, 3), dtype=np.uint8)
+    for i, image in enumerate(pixels):
+        Image.fromarray(image).save(folder / f"{i}.png")
+    out = tmp_path / "stats.npz"
+    assert commands.main(["fid-stats", str(folder), str(out), "--weights", str(release), "--batch-size", "2"]) == 0
+    assert json.loads(capsys.readouterr().out)["count"] == 3
+    with torch.no_grad():
+        want = model(torch.from_numpy(pixels / 255.0).float().permute(0, 3, 1, 2))[0].reshape(3, -1).numpy()
+    mu, sigma = fid.load_stats(out)
+    np.testing.assert_allclose(mu, want.mean(0), atol=1e-4)
+    np.testing.assert_allclose(sigma, np.cov(want.astype(np.float64), rowvar=False), atol=1e-4)
+    assert commands.main(["fid-stats", str(folder), str(out), "--weights", str(release)]) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err

@@ -167,8 +167,8 @@ def load_stats(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
 class InceptionExtractor:
     """``images (N, H, W, C) -> pool features (N, 2048)`` float64 with the FID Inception, jitted, the batch split
-    over every device of ``mesh`` (default: a 1-d mesh of the local devices), padded to a multiple of the device
-    count. ``value_range`` is the range of float inputs (flaxdiff images are in [-1, 1]); uint8 is 0..255."""
+    over every device of ``mesh`` (default: a 1-d mesh of the local devices); every chunk is padded to
+    ``batch_size`` (rounded up to a multiple of the device count) so one compilation serves any N. ``value_range`` is the range of float inputs (flaxdiff images are in [-1, 1]); uint8 is 0..255."""
 
     def __init__(self, params: Any, batch_size: int = 64, mesh: jax.sharding.Mesh | None = None,
                  value_range: tuple[float, float] = (-1.0, 1.0), resize: bool = True) -> None:
@@ -207,7 +207,7 @@ class InceptionExtractor:
         for start in range(0, len(images), self.batch_size):
             chunk = images[start:start + self.batch_size]
             rows = len(chunk)
-            pad = (-rows) % self.devices
+            pad = self.batch_size - rows  # one shape for every chunk: one compilation whatever N
             if pad:
                 chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
             sharded = jax.device_put(chunk, self.batch_sharding)
@@ -264,6 +264,9 @@ def stats_of_source(feature_fn: FeatureFn, source: Any, batch_size: int = 64, im
 
     if isinstance(source, (str, Path)):
         source = data.load_source(str(source))
+    if getattr(source, "kind", "pixels") == "latents":
+        raise ValueError(f"{source!r} holds VAE latents, not images; compute FID statistics on the pixel dataset "
+                         f"it was encoded from (its manifest's 'source')")
     return stats_of_batches(feature_fn, _source_batches(source, batch_size, image_size, limit))
 
 
