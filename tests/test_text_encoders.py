@@ -577,7 +577,8 @@ def test_encoding_shards_rows_over_the_mesh(clip_dirs, tmp_path):
 
 
 def test_caption_run_with_a_pretrained_clip_trains_and_samples(clip_dirs, tmp_path, capsys):
-    """training.py --captions mnist --text-encoder DIR (a tiny random CLIPTextModel), then flaxdiff sample --prompts."""
+    """training.py --captions mnist --text-encoder DIR (a tiny random CLIPTextModel; DiT-tiny with cross-attention to
+    its tokens and its pooled vector), then flaxdiff sample --prompts."""
     from conftest import TINY_TRAINING_ARGS
 
     root = Path(__file__).resolve().parents[1]
@@ -589,7 +590,8 @@ def test_caption_run_with_a_pretrained_clip_trains_and_samples(clip_dirs, tmp_pa
 
     directory, model = clip_dirs["plain"]
     workdir = tmp_path / "run"
-    assert training.main([*TINY_TRAINING_ARGS, "--image-size", "8", "--captions", "mnist", "--text-encoder",
+    assert training.main([*TINY_TRAINING_ARGS, "--image-size", "8", "--model", "dit-tiny", "--model-config",
+                          '{"input_size": 8, "patch_size": 2}', "--captions", "mnist", "--text-encoder",
                           str(directory), "--workdir", str(workdir)]) == 0
     pipe = Pipeline.from_pretrained(workdir)
     assert pipe.text.kind == "clip"  # the run's copy of the encoder, loaded back frozen
