@@ -164,6 +164,15 @@ def test_encode_precomputes_scaled_latents_and_text_embeddings(converted, autoen
     np.testing.assert_allclose(batch["pooled"], cond["pooled"], atol=2e-3, rtol=2e-3)
     np.testing.assert_array_equal(batch["text_mask"], cond["text_mask"])
     assert batch["text"].dtype == np.float32 and encoded.record(0)["text"].dtype == np.float16
+    # resumable: an encode interrupted before its last shard and manifest redoes only that shard, identically
+    shards = sorted(out.glob("data-*.array_record"))
+    finished = shards[-1].read_bytes()
+    shards[-1].unlink()
+    (out / "manifest.json").unlink()
+    kept = shards[0].stat().st_mtime_ns
+    again = arrayrecord.encode(src, out, autoencoder=str(autoencoder), text_encoder="text_encoder-tiny",
+                               image_size=8, batch_size=5, records_per_shard=8, progress=False)
+    assert again == manifest and shards[-1].read_bytes() == finished and shards[0].stat().st_mtime_ns == kept
     with pytest.raises(ValueError, match="needs captions but"):
         arrayrecord.encode("digits", tmp_path / "x", text_encoder="text_encoder-tiny", progress=False)
 
