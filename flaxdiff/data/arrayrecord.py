@@ -267,9 +267,12 @@ def plan_conversion(src: str, split: str = "train", data_dir: str | None = None)
     path = pathlib.Path(src).expanduser()
     if path.is_file() and path.suffix.lower() in (".csv", ".jsonl"):
         rows = _read_caption_table(path)
-        labels = sorted({r[2] for r in rows if r[2] is not None})
-        items = [Item(key=rel, path=str((path.parent / rel)), label=lab or 0, caption=cap) for rel, cap, lab in rows]
-        return Plan(str(path.absolute()), items, [str(c) for c in labels], True)
+        labels = [r[2] for r in rows if r[2] is not None]
+        if any(label < 0 for label in labels):
+            raise ValueError(f"{path}: label {min(labels)} is negative; labels are class indices 0..K-1")
+        classes = [str(c) for c in range(max(labels) + 1)] if labels else []
+        items = [Item(key=rel, path=str(path.parent / rel), label=lab or 0, caption=cap) for rel, cap, lab in rows]
+        return Plan(str(path.absolute()), items, classes, True)
     if path.is_dir():
         class_dirs = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
         files: list[tuple[pathlib.Path, int]] = []
