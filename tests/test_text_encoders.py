@@ -445,7 +445,8 @@ def test_full_clip_model_dir_loads_its_text_tower(tmp_path, clip_dirs):
     directory, _ = clip_dirs["plain"]
     vocab = json.loads((directory / "vocab.json").read_text())
     text_config = {key: value for key, value in tm.CLIP_TINY.items() if key != "projection_dim"}
-    text_config.update(vocab_size=len(vocab), eos_token_id=vocab["<|endoftext|>"], bos_token_id=vocab["<|startoftext|>"])
+    text_config.update(vocab_size=len(vocab), eos_token_id=vocab["<|endoftext|>"],
+                       bos_token_id=vocab["<|startoftext|>"])
     torch.manual_seed(3)
     model = CLIPModel(CLIPConfig(text_config=text_config, projection_dim=tm.CLIP_TINY["projection_dim"],
                                  vision_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1,

@@ -42,7 +42,8 @@ from flaxdiff.interop.text_encoders.layers import layer_norm, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["COPY_LIMIT_BYTES", "EncodeOptions", "OPTIONS_FILE", "PretrainedTextEncoder", "detect_kind", "is_text_encoder_dir",
+__all__ = ["COPY_LIMIT_BYTES", "EncodeOptions", "OPTIONS_FILE", "PretrainedTextEncoder", "detect_kind",
+           "is_text_encoder_dir",
            "load_text_encoder"]
 
 OPTIONS_FILE = "flaxdiff_text_encoder.json"

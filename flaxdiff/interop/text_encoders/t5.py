@@ -7,15 +7,20 @@
 
 FF: ``wo(act(wi x))`` (original T5, ``feed_forward_proj="relu"``) or ``wo(act(wi_0 x) * wi_1 x)`` (gated, T5 v1.1 /
 Flan-T5 ``"gated-gelu"`` with the tanh GELU ``gelu_new``). B_rel[h, q, k] = table[bucket(k - q), h] from the first
-block's ``relative_attention_bias``, shared by all blocks; bucket (bidirectional, n = num_buckets / 2,
-m = n / 2): ``n * [r > 0] + (|r| if |r| < m else min(n - 1, m + floor(log(|r| / m) / log(max_distance / m) * (n - m))))``,
-computed on the host in float32 as the reference does. ``hidden_states`` is ``(h_0, ..., h_{N-1},
-last_hidden_state)`` as transformers 5 returns it (the last entry is the normed output).
+block's ``relative_attention_bias``, shared by all blocks. The bucket of r = k - q (bidirectional,
+n = num_buckets / 2, m = n / 2), computed on the host in float32 as the reference does:
+
+    n [r > 0] + |r|                                                               if |r| < m
+    n [r > 0] + min(n - 1, m + floor(log(|r| / m) / log(max_distance / m) (n - m)))  otherwise
+
+``hidden_states`` is ``(h_0, ..., h_{N-1}, last_hidden_state)`` as transformers 5 returns it (the last entry is the
+normed output).
 
 Key map (explicit, :func:`key_map`): ``shared/embedding`` is ``shared.weight`` (or ``encoder.embed_tokens.weight``);
-``encoder/block_2/layer_0/SelfAttention/q/kernel`` is ``encoder.block.2.layer.0.SelfAttention.q.weight``
-transposed; ``layer_norm/scale`` is ``layer_norm.weight``. A full ``T5ForConditionalGeneration`` file loads too
-(its ``decoder.*`` and ``lm_head`` are ignored).
+``block_2/q/kernel`` is ``encoder.block.2.layer.0.SelfAttention.q.weight`` transposed, ``block_2/wi_0/kernel`` is
+``encoder.block.2.layer.1.DenseReluDense.wi_0.weight`` transposed; ``block_2/layer_0_layer_norm/scale`` is
+``encoder.block.2.layer.0.layer_norm.weight``; ``relative_attention_bias`` is block 0's table. A full
+``T5ForConditionalGeneration`` file loads too (its ``decoder.*`` and ``lm_head`` are ignored).
 """
 from __future__ import annotations
 

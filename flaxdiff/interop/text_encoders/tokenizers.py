@@ -12,10 +12,11 @@ do with ``padding="max_length", truncation=True, max_length=L``:
 Special-token strings typed inside a prompt (``<|endoftext|>``, ``</s>``, ``<extra_id_0>``) are matched as special
 tokens by the CLIP tokenizers, as transformers does, but encoded as plain text by the sentencepiece T5 tokenizer.
 
-CLIP's BPE pipeline when only ``vocab.json`` + ``merges.txt`` exist (as transformers 5 builds it): NFC, ``\\s+`` ->
-" ", lowercase; split on ``<|startoftext|>|<|endoftext|>|'s|'t|'re|'ve|'m|'ll|'d|[\\p{L}]+|[\\p{N}]|[^\\s\\p{L}\\p{N}]+``;
-byte-level alphabet; BPE with end-of-word suffix ``</w>``. Special tokens come from ``tokenizer_config.json`` /
-``special_tokens_map.json`` (SD 2.x pads with ``!``, OpenCLIP with id 0: ``pad_id`` overrides).
+CLIP's BPE pipeline when only ``vocab.json`` + ``merges.txt`` exist (as transformers 5 builds it): NFC, runs of
+whitespace -> " ", lowercase; split on ``_CLIP_SPLIT`` (the special tokens, English contractions, letter runs,
+single digits, other non-space runs); byte-level alphabet; BPE with end-of-word suffix ``</w>``. Special tokens
+come from ``tokenizer_config.json`` / ``special_tokens_map.json`` (SD 2.x pads with ``!``, OpenCLIP with id 0:
+``pad_id`` overrides).
 """
 from __future__ import annotations
 
