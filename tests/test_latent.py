@@ -14,6 +14,7 @@ from flaxdiff.pipeline import Pipeline
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import training  # noqa: E402
+from helpers.run_config import assert_config_feeds_back  # noqa: E402
 
 AE_CONFIG = {"block_out_channels": (8, 8), "norm_num_groups": 4, "latent_channels": 2}
 
@@ -63,13 +64,15 @@ def test_cached_latents_read_back_unchanged_and_decode_to_image_shape(autoencode
         latents.latent_source(tmp_path / "plain.npz")
 
 
-def test_training_on_latents_and_pipeline_decodes(autoencoder, tmp_path):
+def test_training_on_latents_and_pipeline_decodes(autoencoder, tmp_path, capsys):
     workdir = tmp_path / "latent_run"
     code = training.main(["--dataset", "digits", "--image-size", "8", "--latent-autoencoder", str(autoencoder),
                           "--model", "unet-tiny", "--model-config", '{"channel_mult": [1]}', "--batch-size", "8",
                           "--steps", "2", "--log-every", "1", "--preview-per-class", "0", "--workdir", str(workdir)])
     assert code == 0
     assert latents.read_cache_info(workdir / "latents_train_8.npz")["shape"] == (4, 4, 2)
+    saved = assert_config_feeds_back(training, workdir, capsys)
+    assert not Path(saved["data"]["latent_autoencoder"]).is_absolute()      # relative to the run directory
     pipe = Pipeline.from_pretrained(workdir)
     assert pipe.sample_shape == (4, 4, 2) and pipe.image_shape == (8, 8, 1)
     images = pipe.generate(labels=[3, 4, 5], sampler="euler", steps=2)

@@ -17,6 +17,7 @@ from flaxdiff.training import load_params
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import training  # noqa: E402
+from helpers.run_config import assert_config_feeds_back  # noqa: E402
 
 TINY = ["--dataset", "digits", "--image-size", "8", "--model", "unet-tiny", "--model-config", "{}",
         "--batch-size", "8", "--warmup-steps", "0", "--lr-decay", "constant", "--log-every", "1",
@@ -69,7 +70,7 @@ def test_pairs_are_deterministic_for_a_key(base_run):
     assert not np.allclose(first["noise"], other["noise"])
 
 
-def test_training_script_reflow_trains_from_the_base(base_run, tmp_path):
+def test_training_script_reflow_trains_from_the_base(base_run, tmp_path, capsys):
     workdir = tmp_path / "reflow"
     code = training.main([*TINY, "--task", "reflow", "--reflow-from", str(base_run), "--reflow-pairs", "16",
                           "--reflow-steps", "2", "--reflow-guidance", "2", "--steps", "2", "--workdir", str(workdir)])
@@ -86,7 +87,8 @@ def test_training_script_reflow_trains_from_the_base(base_run, tmp_path):
     pipe = Pipeline.from_pretrained(workdir)
     assert pipe.config.task.name == "reflow" and pipe.config.task.reflow_from == str(base_run.absolute())
     assert pipe.config.task.reflow_guidance == 2.0 and pipe.config.model == Pipeline.from_pretrained(base_run).config.model
-    saved = json.loads((workdir / "config.json").read_text())
+    saved = assert_config_feeds_back(training, workdir, capsys)
+    assert_config_feeds_back(training, base_run, capsys)
     assert saved["task"]["reflow_from"] == os.path.relpath(base_run, workdir)   # relative to the run directory
     images = pipe.generate(labels=[0, 1], sampler="euler", steps=1, grid=reflow.flow_time_grid(1))
     assert images.shape == (2, 8, 8, 1) and images.dtype == np.uint8

@@ -14,6 +14,7 @@ from flaxdiff.pipeline import Pipeline
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import training  # noqa: E402
+from helpers.run_config import assert_config_feeds_back  # noqa: E402
 
 
 def test_mnist_captions_cover_every_template_and_name_the_digit():
@@ -59,7 +60,8 @@ def text_run(tmp_path_factory):
     return workdir
 
 
-def test_prompt_changes_the_output(text_run):
+def test_prompt_changes_the_output(text_run, capsys):
+    assert_config_feeds_back(training, text_run, capsys)
     pipe = Pipeline.from_pretrained(text_run)
     config = json.loads((text_run / "config.json").read_text())
     assert config["data"]["captions"] == "mnist" and pipe.text is not None
