@@ -297,6 +297,7 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
         raise CLIError(f"{out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         raise CLIError(f"{out} is not empty; pass --overwrite to write into it")
+    _check_writable(out / "config.json")
     path = interop.export_checkpoint(directory, out, step=args.step, ema=not args.no_ema)
     return {"out_dir": str(path), "files": sorted(p.name for p in Path(path).iterdir())}
 

@@ -135,6 +135,34 @@ def _check_options(name: str, value: Any) -> dict[str, Any]:
     return dict(value)
 
 
+def _check_model_options(name: str, options: Mapping[str, Any]) -> None:
+    """Each option is a field of the preset's config with a value of that field's kind (number, flag, text, list)."""
+    from flaxdiff import models
+
+    preset = models.get_config(name)
+    fields = {field.name: getattr(preset, field.name) for field in dataclasses.fields(preset)}
+    for key, value in options.items():
+        if key not in fields:
+            raise ConfigError(f"unknown model.options.{key} for {name!r}; accepted: {', '.join(sorted(fields))}")
+        default = fields[key]
+        if default is None or value is None:
+            continue
+        if isinstance(default, bool):
+            ok, kind = isinstance(value, bool), "true or false"
+        elif isinstance(default, int):
+            ok, kind = isinstance(value, int) and not isinstance(value, bool), "an integer"
+        elif isinstance(default, float):
+            ok, kind = _is_number(value) and math.isfinite(value), "a finite number"
+        elif isinstance(default, str):
+            ok, kind = isinstance(value, str), "a string"
+        elif isinstance(default, (tuple, list)):
+            ok, kind = isinstance(value, (tuple, list)), "a list"
+        else:
+            continue
+        if not ok:
+            raise _fail(f"model.options.{key}", value, kind)
+
+
 def _registry_names(kind: str) -> list[str]:
     from flaxdiff import losses, models, predictors, samplers, schedules
 
@@ -248,6 +276,7 @@ class ModelConfig(_Section):
         if self.name in ("autoencoder", "autoencoder-tiny", "text_encoder", "text_encoder-tiny"):
             raise _fail("model.name", self.name, "a diffusion model preset (a unet or DiT preset)")
         self._set("options", _check_options("model.options", self.options))
+        _check_model_options(self.name, self.options)
 
 
 @dataclasses.dataclass(frozen=True)

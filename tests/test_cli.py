@@ -104,8 +104,10 @@ def test_sample_defaults_are_the_runs_sample_settings(run_dir, tmp_path, capsys)
 def test_unwritable_output_is_refused_before_sampling(run_dir, tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
-    code, _, err = _cli(["sample", run_dir, "--out", blocker / "grid.png"], capsys)
-    assert code == 2 and "cannot be written" in err and str(blocker) in err and err.count("\n") == 1
+    for argv in (["sample", run_dir, "--out", blocker / "grid.png"], ["eval", run_dir, "--out", blocker / "m.json"],
+                 ["export", run_dir, blocker / "exported"]):
+        code, _, err = _cli(argv, capsys)
+        assert code == 2 and "cannot be written" in err and str(blocker) in err and err.count("\n") == 1, err
     assert blocker.read_text() == "not a directory"
 
 

@@ -180,6 +180,13 @@ def test_defaults_are_the_mnist_main_job(capsys):
     (["--channels", "2"], "data.channels 2 is invalid; accepted: 1, 3"),
     (["--random-flip", "maybe"], "data.random_flip 'maybe' is invalid; accepted: true or false"),
     (["--task", "reflow"], "task.name reflow needs task.reflow_from"),
+    (["--model-config", '{"base_channels": "wide"}'], "model.options.base_channels 'wide' is invalid; accepted: an "
+                                                      "integer"),
+    (["--model-config", '{"base_chanels": 8}'], "unknown model.options.base_chanels for 'unet-small'; accepted:"),
+    (["--seed", "-1"], "train.seed -1 is invalid; accepted: an integer >= 0"),
+    (["--steps", "1.5"], "train.steps '1.5' is invalid; accepted: an integer"),
+    (["--num-classes", "-1"], "data.num_classes -1 is invalid"),
+    (["--config", "/"], "--config /: no such file"),
 ])
 def test_bad_flags_fail_with_the_message(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
