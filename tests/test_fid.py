@@ -200,6 +200,9 @@ def test_streaming_stats_equal_numpy_and_round_trip_through_pytorch_fid(pytorch_
     assert stats.count == 257
     np.testing.assert_allclose(stats.mu, feats.mean(0), rtol=1e-12)
     np.testing.assert_allclose(stats.sigma, np.cov(feats, rowvar=False), rtol=1e-9, atol=1e-9)
+    merged = fid.FeatureStats(16).update(feats[:100]).merge(fid.FeatureStats(16).update(feats[100:]))
+    np.testing.assert_allclose(merged.mu, stats.mu, rtol=1e-12)  # two hosts' shares combine exactly
+    np.testing.assert_allclose(merged.sigma, stats.sigma, rtol=1e-9, atol=1e-9)
     path = fid.save_stats(tmp_path / "ref.npz", stats)
     mu, sigma = pytorch_fid.fid_score.compute_statistics_of_path(str(path), None, 1, 16, "cpu")
     np.testing.assert_array_equal(mu, stats.mu)

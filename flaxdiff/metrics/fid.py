@@ -113,6 +113,24 @@ class FeatureStats:
         self.count += len(features)
         return self
 
+    def merge(self, other: "FeatureStats") -> "FeatureStats":
+        """Add the sums of ``other`` (e.g. another host's share): with d = c_other - c_self,
+        ``s += s_o + n_o d`` and ``M += M_o + s_o d^T + d s_o^T + n_o d d^T`` (re-shifted to c_self)."""
+        if other.dim != self.dim:
+            raise ValueError(f"cannot merge feature stats of dimension {other.dim} into dimension {self.dim}")
+        if other.count == 0:
+            return self
+        if self.count == 0:
+            self.shift, self.total, self.outer = other.shift.copy(), other.total.copy(), other.outer.copy()
+            self.count = other.count
+            return self
+        d = other.shift - self.shift
+        self.total += other.total + other.count * d
+        self.outer += (other.outer + np.outer(other.total, d) + np.outer(d, other.total)
+                       + other.count * np.outer(d, d))
+        self.count += other.count
+        return self
+
     @property
     def mu(self) -> np.ndarray:
         if self.count < 1:
