@@ -160,6 +160,27 @@ def test_other_samplers_and_grids_run_on_the_mapping():
         assert np.abs(out - reference).max() < 0.1 * np.abs(reference).max()
 
 
+def test_guidance_on_the_mapped_denoiser():
+    """x0 = x0_u + w (x0_c - x0_u) in one batched forward; w = 1 and an empty guidance interval are unguided."""
+    def network(params, x, timesteps, cond):
+        return jax_network(params, x, timesteps, cond) + 0.2 * cond["shift"].reshape(-1, 1, 1, 1)
+
+    scheduler = DiffusersScheduler.from_config({"_class_name": "DDIMScheduler", **SD, "clip_sample": False})
+    noise = np.random.RandomState(3).randn(2, 4, 8, 8).astype(np.float32)
+    cond, null = {"shift": jnp.ones((2,))}, {"shift": jnp.zeros((1,))}
+    plain = np.asarray(sample(network, scheduler, noise, STEPS, cond))
+    for scale, interval in ((1.0, None), (3.0, (0.0, 0.0))):
+        guided = sample(network, scheduler, noise, STEPS, cond, guidance_scale=scale, null_cond=null,
+                        guidance_interval=interval)
+        np.testing.assert_allclose(np.asarray(guided), plain, atol=1e-5)
+    # w = 3: F_u + 3 (F_c - F_u) = base + 3 * 0.2, which is the unguided network with shift 3
+    strong = sample(network, scheduler, noise, STEPS, cond, guidance_scale=3.0, null_cond=null)
+    shifted = sample(network, scheduler, noise, STEPS, {"shift": 3.0 * jnp.ones((2,))})
+    np.testing.assert_allclose(np.asarray(strong), np.asarray(shifted), atol=1e-4)
+    with pytest.raises(ValueError, match="guidance_scale needs null_cond"):
+        sample(network, scheduler, noise, STEPS, cond, guidance_scale=2.0)
+
+
 def test_config_errors_name_the_value():
     with pytest.raises(ValueError, match=r"beta_schedule='sigmoid'; supported: linear, scaled_linear, "
                                          r"squaredcos_cap_v2"):

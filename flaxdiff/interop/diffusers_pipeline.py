@@ -21,7 +21,8 @@ A directory is what ``huggingface_hub.snapshot_download(repo)`` writes (nothing 
 
 Randomness: row i uses only key_i = fold_in(PRNGKey(seed), i) (or PRNGKey(seeds[i])): the initial latents are
 N(0, I) from fold_in(key_i, 0) and a stochastic sampler draws from fold_in(key_i, 1), so an image does not depend
-on its batch. ``dtype="bfloat16"`` computes the U-Net / DiT, VAE and text encoders in bfloat16 (params and the
+on its batch. With several devices the rows are split over a ("data", "fsdp") mesh (params replicated).
+``dtype="bfloat16"`` computes the U-Net / DiT, VAE and text encoders in bfloat16 (params and the
 sampler state stay float32).
 """
 from __future__ import annotations
@@ -63,7 +64,7 @@ class DiffusersPipeline:
     def __init__(self, kind: str, denoiser: Any, params: Any, config: Any, vae: AutoencoderKL, vae_params: Any,
                  scheduler: DiffusersScheduler, text_encoders: Sequence[Any] = (),
                  force_zeros_for_empty_prompt: bool = False, id2label: Mapping[int, str] | None = None,
-                 path: str | None = None) -> None:
+                 path: str | None = None, mesh: Any = None) -> None:
         if kind not in ("sd", "sdxl", "dit"):
             raise ValueError(f"kind={kind!r}; accepted: 'sd', 'sdxl', 'dit'")
         self.kind = kind
@@ -77,14 +78,26 @@ class DiffusersPipeline:
         self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
         self.id2label = dict(id2label or {})
         self.path = path
+        if mesh is None and jax.local_device_count() > 1:
+            from flaxdiff.training.parallel import make_mesh
+
+            mesh = make_mesh(devices=jax.local_devices())
+        self.mesh = mesh
+        if mesh is not None:
+            from flaxdiff.training.parallel import replicated
+
+            self.params = jax.device_put(params, replicated(mesh))
         self._denoisers: dict[tuple, Any] = {}
         self._decode = jax.jit(functools.partial(vae.apply, method=AutoencoderKL.decode))
 
     # -- loading ---------------------------------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: str = "float32") -> DiffusersPipeline:
-        """Load a diffusers ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` / ``DiTPipeline`` dir."""
+    def from_pretrained(cls, path: str | Path, dtype: str = "float32", mesh: Any = None) -> DiffusersPipeline:
+        """Load a diffusers ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` / ``DiTPipeline`` dir.
+
+        mesh: a ("data", "fsdp") mesh over which image rows are split (default: all local devices when there are
+        several; params replicated)."""
         from flaxdiff.interop.text_encoders import load_text_encoder
 
         root = Path(path)
@@ -112,7 +125,7 @@ class DiffusersPipeline:
         logger.info("loaded diffusers %s from %s (scheduler %s -> sampler %s)", class_name, root,
                     scheduler.class_name, scheduler.sampler)
         return cls(kind, denoiser, params, config, vae, vae_params, scheduler, encoders,
-                   bool(index.get("force_zeros_for_empty_prompt", False)), id2label, str(root))
+                   bool(index.get("force_zeros_for_empty_prompt", False)), id2label, str(root), mesh)
 
     # -- conditioning ----------------------------------------------------------------------------------------------
 
@@ -251,13 +264,35 @@ class DiffusersPipeline:
         from flaxdiff import samplers as samplers_lib
 
         stochastic = samplers_lib.get(chosen, **sampler_options).stochastic
+        noise, cond, sampler_keys = self._shard_rows(count, noise, cond, sampler_keys)
+        if null_cond is not None and jax.tree_util.tree_leaves(null_cond)[0].shape[0] == count:
+            (null_cond,) = self._shard_rows(count, null_cond)
         out = sample(self._model_fn(), self.scheduler, noise, steps, cond, params=self.params, sampler=chosen,
                      grid=grid_obj, sample_keys=sampler_keys if stochastic else None,
                      guidance_scale=guidance_scale if guided else None, null_cond=null_cond,
                      guidance_interval=guidance_interval, denoiser=self._denoisers[cache_key], **sampler_options)
+        out = out[:count]
         if output == "latents":
             return np.asarray(out)
         return self.decode(out)
+
+    def _shard_rows(self, count: int, *trees: Any) -> tuple[Any, ...]:
+        """Split the image rows of every tree over the mesh: rows padded (last row repeated) to a multiple of the
+        device count, dim 0 sharded over ("data", "fsdp"); unchanged without a mesh."""
+        if self.mesh is None or self.mesh.size == 1:
+            return trees
+        from flaxdiff.training.parallel import batch_sharding
+
+        pad = -count % self.mesh.size
+        sharding = batch_sharding(self.mesh)
+
+        def place(leaf: Any) -> Any:
+            leaf = jnp.asarray(leaf) if not isinstance(leaf, jax.Array) else leaf
+            if pad:
+                leaf = jnp.concatenate([leaf, jnp.repeat(leaf[-1:], pad, axis=0)], axis=0)
+            return jax.device_put(leaf, sharding)
+
+        return tuple(jax.tree_util.tree_map(place, tree) for tree in trees)
 
     def training_parts(self, height: int | None = None, width: int | None = None) -> dict[str, Any]:
         """What ``flaxdiff.losses.diffusion_loss`` (and the trainer's loss object) needs to fine-tune the denoiser:
