@@ -167,6 +167,22 @@ def test_dit_matches_diffusers(tmp_path, monkeypatch):
         ours.generate(labels=[1200])
 
 
+def test_sample_grid_for_the_cli(sd_pipe, tmp_path):
+    from PIL import Image
+
+    from flaxdiff.interop.diffusers_pipeline import sample_grid
+
+    options = dict(steps=STEPS, sampler="euler_ancestral", grid="karras")
+    prompts = ["a photo of a cat", "a photo of a dog"]
+    result = sample_grid(sd_pipe, tmp_path / "grid.png", prompts=prompts, seed=3, **options)
+    assert result["pixels"] == [32, 16] and result["rows"] == 2 and result["guidance_scale"] == 7.5
+    expected = sd_pipe.generate(prompts, seed=3, **options)
+    pixels = np.asarray(Image.open(tmp_path / "grid.png"), np.float32) / 255.0
+    np.testing.assert_allclose(pixels, np.concatenate(list(expected), axis=0), atol=1 / 255 + 1e-6)
+    with pytest.raises(ValueError, match="give prompts"):
+        sample_grid(sd_pipe, tmp_path / "none.png")
+
+
 def test_pipeline_from_diffusers(sd_dir):
     from flaxdiff.pipeline import Pipeline
 
