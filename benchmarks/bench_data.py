@@ -6,9 +6,11 @@ Every configuration reads the same synthetic RGB images (``--count`` of ``--size
 smooth gradients, written once to a temporary folder and converted with ``flaxdiff data convert``), through the
 standard ``make_loader`` pipeline (shuffle, resize-crop to ``--image-size``, scale to [-1, 1], batch), for
 ``--batches`` batches after ``--warmup`` batches. The train step is the DiffusionTrainer's jitted step of the
-tiny U-Net (``unet-tiny``) at ``--image-size`` with the same batch size. Usage:
+tiny U-Net (``unet-tiny``) at ``--image-size`` (or ``--step-size`` / ``--step-channels``, e.g. the 32x32x4 latents
+of 256px images) with the same batch size. Usage:
 
     python benchmarks/bench_data.py [--count 2048] [--size 64] [--image-size 32] [--batch 64] [--workers 2]
+    python benchmarks/bench_data.py --count 512 --size 256 --image-size 256 --batch 32 --step-size 32 --step-channels 4
 """
 from __future__ import annotations
 
@@ -48,15 +50,15 @@ def loader_rate(source, batch: int, image_size: int, workers: int, batches: int,
     return batches * batch / (time.perf_counter() - start)
 
 
-def train_step_rate(batch: int, image_size: int, steps: int) -> float:
+def train_step_rate(batch: int, image_size: int, steps: int, channels: int = 3) -> float:
     import jax
     import jax.numpy as jnp
 
     from flaxdiff import losses, models, predictors, schedules
     from flaxdiff.training import DiffusionTrainer, TrainConfig
 
-    config = models.get_config("unet-tiny", in_channels=3)
-    example = {"image": np.zeros((batch, image_size, image_size, 3), np.float32)}
+    config = models.get_config("unet-tiny", in_channels=channels)
+    example = {"image": np.zeros((batch, image_size, image_size, channels), np.float32)}
     trainer = DiffusionTrainer(config.make(), config.to_config(), schedules.get("rectified_flow"),
                                predictors.get("velocity"), losses.weightings.get("uniform"),
                                losses.time_samplers.get("logit_normal"),
@@ -82,6 +84,10 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--step-size", type=int, default=None,
+                        help="train-step resolution (default --image-size; e.g. 32 with --step-channels 4 for the "
+                             "f8 latents of 256px images)")
+    parser.add_argument("--step-channels", type=int, default=3, help="train-step channels (4: SD-style latents)")
     args = parser.parse_args()
 
     from absl import flags
@@ -110,8 +116,10 @@ def main() -> None:
             for workers in (0, args.workers):
                 rate = loader_rate(source, args.batch, args.image_size, workers, args.batches, args.warmup)
                 print(f"{name:32s} {workers:7d} {rate:10.0f}", flush=True)
-    rate = train_step_rate(args.batch, args.image_size, args.steps)
-    print(f"{'train step (unet-tiny, ' + str(args.image_size) + 'px)':32s} {'-':>7s} {rate:10.0f}")
+    size = args.step_size or args.image_size
+    rate = train_step_rate(args.batch, size, args.steps, args.step_channels)
+    label = f"train step (unet-tiny, {size}x{size}x{args.step_channels})"
+    print(f"{label:32s} {'-':>7s} {rate:10.0f}")
     print(f"load average {load()} at end")
 
 
