@@ -7,7 +7,11 @@ the exact denoiser is the posterior mean
 
 Every sampler starts from the same x = s_max eps and the reference endpoint is RK4 with 1000 Karras steps in float64
 (converged to < 1e-8). Metrics: endpoint RMS error against the reference and sliced Wasserstein-2 distance to
-exact GMM samples. k-diffusion (optional: pip install torch k-diffusion) runs on the same problem in float64.
+exact GMM samples. Ours: every deterministic form the sampler registry declares, plus solver-order variants, on
+every grid in GRIDS, at every budget 5-20 NFE and 50. k-diffusion (optional, DEVELOPERS.md) runs on the same problem
+in float64 with its deterministic samplers (dpm_fast picks its own levels for a budget). The summary gives, per
+budget, the best (sampler, grid) of each side and picks the default pair: the smallest worst-case ratio of its error
+to k-diffusion's best over budgets 5-20 and both problems.
 
     python benchmarks/bench_samplers.py [--out docs/samplers_benchmark.json] [--plot docs/samplers_error_vs_nfe.png]
 """
@@ -18,6 +22,7 @@ import importlib
 import importlib.util
 import json
 import math
+import os
 import sys
 import time
 import types
@@ -32,18 +37,37 @@ import numpy as np  # noqa: E402
 from flaxdiff import samplers, timesteps  # noqa: E402
 
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
-BUDGETS = (5, 10, 20, 50)
-GRIDS = ("karras", "logsnr_uniform", "time_uniform", "time_quadratic")
-OURS = {
-    "euler": {}, "heun": {}, "dpm_2": {}, "rk4": {}, "dpmpp_2m": {},
-    "dpmpp_2s_ancestral": {"eta": 0.0}, "dpmpp_2m_sde": {"eta": 0.0}, "dpmpp_3m_sde": {"eta": 0.0},
-    "unipc": {"variant": "bh2"}, "unipc_bh1": {"variant": "bh1"},
-}
-# Our sampler name -> k-diffusion function name and extra arguments (deterministic versions only).
+BUDGETS = tuple(range(5, 21)) + (50,)
+SUMMARY_BUDGETS = tuple(range(5, 21))
+GRIDS = ("karras", "logsnr_uniform", "time_uniform", "time_quadratic", "flow_shift")
+# The grids k-diffusion itself provides: get_sigmas_karras, get_sigmas_exponential (= logsnr_uniform) and
+# get_sigmas_vp (the VP-SDE's uniform time, here fitted to the same [SIGMA_MIN, SIGMA_MAX]).
+K_DIFFUSION_GRIDS = ("karras", "logsnr_uniform", "time_uniform")
+# Solver-order variants measured next to each sampler's declared deterministic forms.
+VARIANTS = {"unipc": ({"solver_order": 2},), "ipndm": ({"solver_order": 2}, {"solver_order": 4}),
+            "lms": ({"solver_order": 2}, {"solver_order": 4})}
+
+
+def our_samplers() -> dict[str, tuple[str, dict]]:
+    """label -> (registry name, options): every fixed-grid sampler's deterministic forms and the VARIANTS."""
+    out = {}
+    for name in samplers.available():
+        sampler = samplers.get(name)
+        if sampler.accuracy_sweep:
+            continue
+        for options in sampler.deterministic_options + VARIANTS.get(name, ()):
+            out[name + "".join(f"[{k}={v}]" for k, v in options.items() if k != "eta")] = (name, dict(options))
+    return out
+
+
+# label -> k-diffusion function name, arguments, NFE per step (deterministic versions only).
 K_DIFFUSION = {
-    "euler": ("sample_euler", {}), "heun": ("sample_heun", {}), "dpm_2": ("sample_dpm_2", {}),
-    "dpmpp_2m": ("sample_dpmpp_2m", {}), "dpmpp_2s_ancestral": ("sample_dpmpp_2s_ancestral", {"eta": 0.0}),
-    "dpmpp_2m_sde": ("sample_dpmpp_2m_sde", {"eta": 0.0}), "dpmpp_3m_sde": ("sample_dpmpp_3m_sde", {"eta": 0.0}),
+    "euler": ("sample_euler", {}, 1), "heun": ("sample_heun", {}, 2), "dpm_2": ("sample_dpm_2", {}, 2),
+    "lms": ("sample_lms", {}, 1), "lms[order=3]": ("sample_lms", {"order": 3}, 1),
+    "dpmpp_2m": ("sample_dpmpp_2m", {}, 1), "dpmpp_2s_ancestral": ("sample_dpmpp_2s_ancestral", {"eta": 0.0}, 2),
+    "dpmpp_2m_sde": ("sample_dpmpp_2m_sde", {"eta": 0.0}, 1),
+    "dpmpp_2m_sde[solver_type=heun]": ("sample_dpmpp_2m_sde", {"eta": 0.0, "solver_type": "heun"}, 1),
+    "dpmpp_3m_sde": ("sample_dpmpp_3m_sde", {"eta": 0.0}, 1),
 }
 
 
@@ -162,24 +186,22 @@ def run(args: argparse.Namespace) -> dict:
                          "error": float(np.sqrt(np.mean((x - np.asarray(reference)) ** 2))),
                          "swd": sliced_wasserstein(x, exact), "seconds": seconds})
 
-        for name, options in OURS.items():
-            registry_name = "unipc" if name.startswith("unipc") else name
+        for label, (registry_name, options) in our_samplers().items():
             per_step = samplers.get(registry_name, **options).nfe_per_step
-            for grid_name in GRIDS:
-                for budget in BUDGETS:
+            for budget in BUDGETS:
+                for grid_name in GRIDS:
                     steps = steps_for(per_step, budget)
                     start = time.perf_counter()
                     x, nfe = samplers.sample(denoise, noise, sampler=registry_name, steps=steps, grid=grid_name,
                                              sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, **options)
                     x = jax.block_until_ready(x)
-                    record("flaxdiff", name, grid_name, budget, nfe, x, time.perf_counter() - start)
+                    record("flaxdiff", label, grid_name, budget, nfe, x, time.perf_counter() - start)
         if k_sampling is not None:
             import torch
 
             model = torch_denoiser(problem)
             x_start = torch.tensor(np.asarray(noise), dtype=torch.float64)
-            for name, (fn_name, kwargs) in K_DIFFUSION.items():
-                per_step = samplers.get(name).nfe_per_step
+            for name, (fn_name, kwargs, per_step) in K_DIFFUSION.items():
                 for grid_name in GRIDS:
                     for budget in BUDGETS:
                         steps = steps_for(per_step, budget)
@@ -197,41 +219,77 @@ def run(args: argparse.Namespace) -> dict:
                                                              **kwargs)
                         record("k-diffusion", name, grid_name, budget, calls[0], x.numpy(),
                                time.perf_counter() - start)
+            for budget in BUDGETS:
+                calls = [0]
+
+                def counted_fast(x, sigma):
+                    calls[0] += 1
+                    return model(x, sigma)
+
+                start = time.perf_counter()
+                with torch.no_grad():
+                    x = k_sampling.sample_dpm_fast(counted_fast, x_start * SIGMA_MAX, SIGMA_MIN, SIGMA_MAX, budget,
+                                                   disable=True)
+                record("k-diffusion", "dpm_fast", "own", budget, calls[0], x.numpy(), time.perf_counter() - start)
         results["problems"][f"{dim}d"] = {"samples": n, "reference_error_500_vs_1000": ref_err, "rows": rows,
                                           "exact_vs_exact_swd": sliced_wasserstein(gmm_samples(problem, n, 7),
                                                                                    exact)}
     return results
 
 
+def best_rows(rows: list[dict], impl: str, budget: int, grids: tuple[str, ...] | None = None) -> dict | None:
+    """The lowest-error row of ``impl`` whose NFE is within ``budget`` (on ``grids`` when given; dpm_fast's own
+    levels always count)."""
+    candidates = [r for r in rows if r["impl"] == impl and r["budget"] == budget and r["nfe"] <= budget
+                  and (grids is None or r["grid"] in grids + ("own",))]
+    return min(candidates, key=lambda r: r["error"]) if candidates else None
+
+
+def choose_default(results: dict) -> tuple[tuple[str, str], float]:
+    """Our (sampler, grid) pair with the smallest worst-case error ratio to k-diffusion's best over
+    SUMMARY_BUDGETS and every problem (falls back to our own best per budget without k-diffusion)."""
+    worst: dict[tuple[str, str], float] = {}
+    for problem in results["problems"].values():
+        rows = problem["rows"]
+        for budget in SUMMARY_BUDGETS:
+            reference = (best_rows(rows, "k-diffusion", budget, K_DIFFUSION_GRIDS)
+                         or best_rows(rows, "flaxdiff", budget))
+            for r in rows:
+                if r["impl"] == "flaxdiff" and r["budget"] == budget:
+                    key = (r["sampler"], r["grid"])
+                    worst[key] = max(worst.get(key, 0.0), r["error"] / reference["error"])
+    pair = min(worst, key=worst.get)
+    return pair, worst[pair]
+
+
 def summarize(results: dict) -> str:
     lines = []
+    (default_sampler, default_grid), default_worst = choose_default(results)
     for key, problem in results["problems"].items():
         rows = problem["rows"]
-        lines.append(f"### {key} Gaussian mixture ({problem['samples']} samples; endpoint RMS error / sliced W2)\n")
-        lines.append("| impl | sampler | grid | " + " | ".join(f"NFE≤{b}" for b in BUDGETS) + " |")
-        lines.append("|---|---|---|" + "---|" * len(BUDGETS))
-        keys = sorted({(r["impl"], r["sampler"], r["grid"]) for r in rows}, key=lambda k: (k[1], k[2], k[0]))
-        for impl, name, grid in keys:
-            cells = []
-            for budget in BUDGETS:
-                row = next(r for r in rows if (r["impl"], r["sampler"], r["grid"], r["budget"]) ==
-                           (impl, name, grid, budget))
-                cells.append(f"{row['error']:.2e} / {row['swd']:.3f} ({row['nfe']})")
-            lines.append(f"| {impl} | {name} | {grid} | " + " | ".join(cells) + " |")
+        lines.append(f"### {key} Gaussian mixture ({problem['samples']} samples): best of each side per budget\n")
+        lines.append("| NFE | best flaxdiff (sampler, grid) | error | best k-diffusion, its grids | error | "
+                     "ours lower by | default pair error (lower by) | best k-diffusion, any of our grids | error |")
+        lines.append("|---|---|---|---|---|---|---|---|---|")
+        for budget in BUDGETS:
+            ours = best_rows(rows, "flaxdiff", budget)
+            theirs = best_rows(rows, "k-diffusion", budget, K_DIFFUSION_GRIDS)
+            anywhere = best_rows(rows, "k-diffusion", budget)
+            default = next(r for r in rows if (r["impl"], r["sampler"], r["grid"], r["budget"]) ==
+                           ("flaxdiff", default_sampler, default_grid, budget))
+            if theirs is None:
+                lines.append(f"| {budget} | {ours['sampler']}, {ours['grid']} | {ours['error']:.2e} | - | - | - | "
+                             f"{default['error']:.2e} | - | - |")
+                continue
+            lines.append(f"| {budget} | {ours['sampler']}, {ours['grid']} | {ours['error']:.2e} | "
+                         f"{theirs['sampler']}, {theirs['grid']} | {theirs['error']:.2e} | "
+                         f"{1 - ours['error'] / theirs['error']:.0%} | {default['error']:.2e} "
+                         f"({1 - default['error'] / theirs['error']:.0%}) | "
+                         f"{anywhere['sampler']}, {anywhere['grid']} | {anywhere['error']:.2e} |")
         lines.append("")
-        for budget in (10,):
-            ours = min((r for r in rows if r["impl"] == "flaxdiff" and r["budget"] == budget),
-                       key=lambda r: r["error"])
-            lines.append(f"best flaxdiff at NFE≤{budget}: {ours['sampler']} on {ours['grid']}: {ours['error']:.3e}")
-            theirs = [r for r in rows if r["impl"] == "k-diffusion" and r["budget"] == budget]
-            if theirs:
-                best_k_karras = min((r for r in theirs if r["grid"] == "karras"), key=lambda r: r["error"])
-                best_k = min(theirs, key=lambda r: r["error"])
-                lines.append(f"best k-diffusion at NFE≤{budget} on karras: {best_k_karras['sampler']}: "
-                             f"{best_k_karras['error']:.3e} (ours {1 - ours['error'] / best_k_karras['error']:.0%} "
-                             f"lower); on any grid: {best_k['sampler']} on {best_k['grid']}: {best_k['error']:.3e} "
-                             f"(ours {1 - ours['error'] / best_k['error']:.0%} lower)")
-            lines.append("")
+    lines.append(f"default pair: {default_sampler} on {default_grid} (worst error ratio to k-diffusion's best on its "
+                 f"grids over "
+                 f"NFE {SUMMARY_BUDGETS[0]}-{SUMMARY_BUDGETS[-1]} and both problems: {default_worst:.2f})")
     return "\n".join(lines)
 
 
@@ -244,21 +302,22 @@ def plot(results: dict, path: str) -> None:
     fig, axes = plt.subplots(1, len(results["problems"]), figsize=(12, 4.5))
     for ax, (key, problem) in zip(np.atleast_1d(axes), results["problems"].items()):
         rows = problem["rows"]
-        for impl, name, grid, style in [("flaxdiff", "unipc", "logsnr_uniform", "-o"),
-                                        ("flaxdiff", "dpmpp_2m", "logsnr_uniform", "-s"),
-                                        ("flaxdiff", "dpmpp_3m_sde", "logsnr_uniform", "-^"),
-                                        ("flaxdiff", "heun", "karras", "-d"),
-                                        ("flaxdiff", "euler", "karras", "-x"),
-                                        ("k-diffusion", "dpmpp_2m", "karras", "--s"),
-                                        ("k-diffusion", "dpmpp_3m_sde", "karras", "--^"),
-                                        ("k-diffusion", "heun", "karras", "--d"),
-                                        ("k-diffusion", "euler", "karras", "--x")]:
-            pts = sorted((r["nfe"], r["error"]) for r in rows if (r["impl"], r["sampler"], r["grid"]) ==
+        (default_sampler, default_grid), _ = choose_default(results)
+        for impl, style in (("flaxdiff", "-o"), ("k-diffusion", "--s")):
+            best = [best_rows(rows, impl, b) for b in BUDGETS]
+            pts = [(b, r["error"]) for b, r in zip(BUDGETS, best) if r is not None]
+            if pts:
+                ax.loglog(*zip(*pts), style, label=f"{impl}: best (sampler, grid) per budget")
+        for impl, name, grid, style in [("flaxdiff", default_sampler, default_grid, "-^"),
+                                        ("flaxdiff", "dpmpp_2m", "logsnr_uniform", ":d"),
+                                        ("k-diffusion", "lms", "karras", "--x"),
+                                        ("k-diffusion", "dpmpp_2m", "karras", "--d")]:
+            pts = sorted((r["budget"], r["error"]) for r in rows if (r["impl"], r["sampler"], r["grid"]) ==
                          (impl, name, grid))
             if pts:
                 ax.loglog(*zip(*pts), style, label=f"{impl} {name} ({grid})")
         ax.set_title(f"{key} Gaussian mixture")
-        ax.set_xlabel("NFE")
+        ax.set_xlabel("NFE budget")
         ax.set_ylabel("endpoint RMS error")
         ax.grid(True, which="both", alpha=0.3)
     np.atleast_1d(axes)[0].legend(fontsize=7)
@@ -273,11 +332,14 @@ def main() -> None:
     parser.add_argument("--samples-2d", type=int, default=4096)
     parser.add_argument("--samples-64d", type=int, default=1024)
     args = parser.parse_args()
+    load_before = os.getloadavg()
     results = run(args)
+    results["config"]["load_average_before_after"] = [load_before, os.getloadavg()]
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)
     plot(results, args.plot)
     print(summarize(results))
+    print(f"load average (1, 5, 15 min) before: {load_before}, after: {os.getloadavg()}")
 
 
 if __name__ == "__main__":

@@ -47,9 +47,15 @@ class IPNDM(Multistep):
     def init_state(self, x: Array, sigmas: Array) -> Any:
         return history_init(x, max(self.solver_order - 1, 1))
 
-    def multistep(self, denoise: Denoise, x: Array, state: Any, sigma: Array, sigma_next: Array,
-                  key: Array | None, order: int) -> tuple[Array, Any]:
-        d = to_d(x, sigma, denoise(x, sigma))
+    def evaluate(self, denoise: Denoise, x: Array, sigma: Array) -> Array:
+        return to_d(x, sigma, denoise(x, sigma))
+
+    def extrapolation_safe(self, state: Any, sigma: Array, sigma_next: Array) -> Array:
+        """These methods step in s: s - s' <= max_step_growth (s_prev - s); ``max_step`` (in lambda) does not apply."""
+        return sigma - sigma_next <= self.max_step_growth * (jnp.exp(-self.previous_lambda(state)) - sigma)
+
+    def update(self, x: Array, d: Array, state: Any, sigma: Array, sigma_next: Array, key: Array | None,
+               order: int) -> tuple[Array, Any]:
         derivatives = [d] + [state[0][j] for j in range(order - 1)]
         slope = sum(weight * d_j for weight, d_j in zip(_AB_WEIGHTS[order], derivatives))
         return x + (sigma_next - sigma) * slope, history_push(state, d, sigma)
@@ -91,9 +97,15 @@ class LMS(Multistep):
     def init_state(self, x: Array, sigmas: Array) -> Any:
         return history_init(x, max(self.solver_order - 1, 1))
 
-    def multistep(self, denoise: Denoise, x: Array, state: Any, sigma: Array, sigma_next: Array,
-                  key: Array | None, order: int) -> tuple[Array, Any]:
-        d = to_d(x, sigma, denoise(x, sigma))
+    def evaluate(self, denoise: Denoise, x: Array, sigma: Array) -> Array:
+        return to_d(x, sigma, denoise(x, sigma))
+
+    def extrapolation_safe(self, state: Any, sigma: Array, sigma_next: Array) -> Array:
+        """These methods step in s: s - s' <= max_step_growth (s_prev - s); ``max_step`` (in lambda) does not apply."""
+        return sigma - sigma_next <= self.max_step_growth * (jnp.exp(-self.previous_lambda(state)) - sigma)
+
+    def update(self, x: Array, d: Array, state: Any, sigma: Array, sigma_next: Array, key: Array | None,
+               order: int) -> tuple[Array, Any]:
         derivatives = [d] + [state[0][j] for j in range(order - 1)]
         levels = [sigma] + [jnp.exp(-state[1][j]) for j in range(order - 1)]
         slope = sum(w * d_j for w, d_j in zip(lagrange_step_weights(levels, sigma_next), derivatives))

@@ -145,21 +145,55 @@ def multistep_orders(solver_order: int, scanned: int, intervals: int, lower_orde
 class Multistep(Sampler):
     """A linear multistep sampler: 1 NFE per step, earlier denoiser outputs in a fixed-shape history.
 
-    ``multistep(denoise, x, state, sigma, sigma_next, key, order)`` is the step at a static ``order`` <=
-    ``solver_order``; ``stages`` runs the warm-up and final steps at the lower orders of ``multistep_orders``
-    as their own stages, so no step branches on a step counter.
+    A step is ``evaluate`` (the one NFE: D, or d for methods in s) and ``update(x, value, state, sigma, sigma_next,
+    key, order)`` at a static ``order`` <= ``solver_order``. ``stages`` runs the warm-up and final steps at the lower
+    orders of ``multistep_orders`` as their own stages, so no step branches on a step counter.
+
+    Extrapolation guard: the higher-order update extrapolates the history, and its divided differences carry
+    1 / r = h / h_prev, so a step much longer than the last one, or long in itself, amplifies them (with D a
+    sigmoid in lambda at the noise levels where a sample picks its mode, a polynomial extrapolated far overshoots).
+    A step with h > ``max_step_growth`` h_prev or h > ``max_step`` (h in lambda = -log s; methods in s measure s)
+    takes the first-order update instead (``extrapolation_safe``). Grids whose last interval to s_min is long
+    (time_uniform, flow_shift, time_quadratic) and very coarse grids need it; at 24+ karras steps it never triggers
+    (the shared battery measures the full order there). ``max_step_growth=inf, max_step=inf`` turns it off.
     """
 
     lower_order_final: bool = True
+    max_step_growth: float = 1.2
+    max_step: float = 1.5
 
     @property
     def solver_order(self) -> int:
         """Number of denoiser outputs the full-order step combines (the declared ``order`` by default)."""
         return self.order
 
+    def evaluate(self, denoise: Denoise, x: Array, sigma: Array) -> Array:
+        """The step's one denoiser evaluation, in the form the history keeps (default: D(x, s))."""
+        return denoise(x, sigma)
+
+    def update(self, x: Array, value: Array, state: Any, sigma: Array, sigma_next: Array, key: Array | None,
+               order: int) -> tuple[Array, Any]:
+        raise NotImplementedError
+
+    def previous_lambda(self, state: Any) -> Array:
+        """lambda = -log s of the previous step's level (the newest history entry)."""
+        return state[1][0]
+
+    def extrapolation_safe(self, state: Any, sigma: Array, sigma_next: Array) -> Array:
+        """Whether the higher-order update may extrapolate the history over this step (lambda = -log s):
+        h <= max_step_growth h_prev and h <= max_step."""
+        h = jnp.log(sigma / sigma_next)
+        return (h <= self.max_step_growth * (-jnp.log(sigma) - self.previous_lambda(state))) & (h <= self.max_step)
+
     def multistep(self, denoise: Denoise, x: Array, state: Any, sigma: Array, sigma_next: Array,
                   key: Array | None, order: int) -> tuple[Array, Any]:
-        raise NotImplementedError
+        value = self.evaluate(denoise, x, sigma)
+        result = self.update(x, value, state, sigma, sigma_next, key, order)
+        if order == 1:
+            return result
+        first_order = self.update(x, value, state, sigma, sigma_next, key, 1)
+        within = self.extrapolation_safe(state, sigma, sigma_next)
+        return jax.tree_util.tree_map(lambda a, b: jnp.where(within, a, b), result, first_order)
 
     def step(self, denoise: Denoise, x: Array, state: Any, sigma: Array, sigma_next: Array,
              key: Array | None) -> tuple[Array, Any]:

@@ -66,9 +66,8 @@ class DPMPP2M(Multistep):
     def init_state(self, x: Array, sigmas: Array) -> Any:
         return history_init(x, 1)
 
-    def multistep(self, denoise: Denoise, x: Array, state: Any, sigma: Array, sigma_next: Array,
-                  key: Array | None, order: int) -> tuple[Array, Any]:
-        x0_hat = denoise(x, sigma)
+    def update(self, x: Array, x0_hat: Array, state: Any, sigma: Array, sigma_next: Array, key: Array | None,
+               order: int) -> tuple[Array, Any]:
         if order == 1:
             x0_combined = x0_hat
         else:
@@ -103,9 +102,8 @@ class DPMPP2MSDE(Multistep, EtaSampler):
     def init_state(self, x: Array, sigmas: Array) -> Any:
         return history_init(x, 1)
 
-    def multistep(self, denoise: Denoise, x: Array, state: Any, sigma: Array, sigma_next: Array,
-                  key: Array | None, order: int) -> tuple[Array, Any]:
-        x0_hat = denoise(x, sigma)
+    def update(self, x: Array, x0_hat: Array, state: Any, sigma: Array, sigma_next: Array, key: Array | None,
+               order: int) -> tuple[Array, Any]:
         h = jnp.log(sigma / sigma_next)
         eta_h = self.eta * h
         one_minus = -jnp.expm1(-h - eta_h)
@@ -142,9 +140,8 @@ class DPMPP3MSDE(Multistep, EtaSampler):
     def init_state(self, x: Array, sigmas: Array) -> Any:
         return history_init(x, 2)
 
-    def multistep(self, denoise: Denoise, x: Array, state: Any, sigma: Array, sigma_next: Array,
-                  key: Array | None, order: int) -> tuple[Array, Any]:
-        x0_hat = denoise(x, sigma)
+    def update(self, x: Array, x0_hat: Array, state: Any, sigma: Array, sigma_next: Array, key: Array | None,
+               order: int) -> tuple[Array, Any]:
         h = jnp.log(sigma / sigma_next)
         h_eta = h * (self.eta + 1.0)
         x_new = jnp.exp(-h_eta) * x - jnp.expm1(-h_eta) * x0_hat
@@ -161,5 +158,6 @@ class DPMPP3MSDE(Multistep, EtaSampler):
             d2 = (d1_0 - d1_1) / (r0 + r1)
             x_new = x_new + phi_2 * d1 - 2.0 * (phi_2 / h_eta - 0.5) * d2
         if self.eta > 0:
-            x_new = x_new + gaussian_like(key, x) * (self.s_noise * sigma_next * jnp.sqrt(-jnp.expm1(-2.0 * h * self.eta)))
+            noise_scale = self.s_noise * sigma_next * jnp.sqrt(-jnp.expm1(-2.0 * h * self.eta))
+            x_new = x_new + gaussian_like(key, x) * noise_scale
         return x_new, history_push(state, x0_hat, sigma)

@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from flaxdiff.samplers.common import Denoise, Multistep, check_choice, history_init, history_push
+from flaxdiff.samplers.common import Multistep, check_choice, history_init, history_push
 
 Array = jax.Array
 
@@ -75,10 +75,12 @@ class UniPC(Multistep):
         """History of (D, lambda) and the pending corrector (x_base_c, B(h) c_p): (x, 0) leaves step 0 as it is."""
         return history_init(x, self.solver_order), (x, jnp.zeros((), x.dtype))
 
-    def multistep(self, denoise: Denoise, x: Array, state: Any, sigma: Array, sigma_next: Array,
-                  key: Array | None, order: int) -> tuple[Array, Any]:
+    def previous_lambda(self, state: Any) -> Array:
+        return state[0][1][0]
+
+    def update(self, x: Array, x0_hat: Array, state: Any, sigma: Array, sigma_next: Array, key: Array | None,
+               order: int) -> tuple[Array, Any]:
         history, (corrector_base, corrector_weight) = state
-        x0_hat = denoise(x, sigma)
         if self.corrector:
             x = corrector_base - corrector_weight * (x0_hat - history[0][0])   # UniC of the previous step
         (x0s, lambdas) = history = history_push(history, x0_hat, sigma)
