@@ -49,6 +49,7 @@ CASES = {
                                                                rescale_betas_zero_snr=True)),
     "dpm_leading": ("DPMSolverMultistepScheduler", dict(SD, steps_offset=1, timestep_spacing="leading")),
     "dpm_karras": ("DPMSolverMultistepScheduler", dict(SD, use_karras_sigmas=True)),
+    "dpm_linspace_sigma_min": ("DPMSolverMultistepScheduler", dict(SD, final_sigmas_type="sigma_min")),
     "dpm_trailing_cosine": ("DPMSolverMultistepScheduler", dict(beta_schedule="squaredcos_cap_v2",
                                                               timestep_spacing="trailing")),
 }
@@ -179,6 +180,28 @@ def test_guidance_on_the_mapped_denoiser():
     np.testing.assert_allclose(np.asarray(strong), np.asarray(shifted), atol=1e-4)
     with pytest.raises(ValueError, match="guidance_scale needs null_cond"):
         sample(network, scheduler, noise, STEPS, cond, guidance_scale=2.0)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_toolkit_sample_model_runs_the_mapped_schedule_and_predictor(prediction_type):
+    """The toolkit's own path (sample_model with the mapped DiscreteVPSchedule + predictor and the convention
+    timestep k = c_noise T / 1000 - 1) lands on diffusers' DPM-Solver++ result; only the timestep of a level is
+    interpolated differently (linear in alpha_bar instead of diffusers' table lookup)."""
+    from flaxdiff import samplers
+
+    config = {"_class_name": "DPMSolverMultistepScheduler", **SD, "prediction_type": prediction_type}
+    scheduler = DiffusersScheduler.from_config(config)
+    grid = scheduler.grid(STEPS)
+    noise = np.random.RandomState(4).randn(2, 4, 8, 8).astype(np.float32)
+    expected = _diffusers_loop(diffusers.DPMSolverMultistepScheduler(**config), noise, STEPS)
+
+    def apply_fn(params, x, c_noise, cond):
+        return jax_network(params, x, c_noise * (scheduler.num_train_timesteps / 1000.0) - 1.0, cond)
+
+    start = noise * np.float32(grid.start_scale / grid.sigmas[0])
+    out, _ = samplers.sample_model(apply_fn, None, scheduler.schedule, scheduler.predictor, noise=start,
+                                   sampler="dpmpp_2m", grid=grid.sigmas, **scheduler.sampler_options(STEPS))
+    np.testing.assert_allclose(np.asarray(out), expected, atol=2e-3 * np.abs(expected).max())
 
 
 def test_config_errors_name_the_value():

@@ -261,6 +261,8 @@ class DiffusersPipeline:
                                                        guidance_interval)
         sampler_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
         chosen = sampler or self.scheduler.sampler
+        if sampler is None:
+            sampler_options = {**self.scheduler.sampler_options(steps), **sampler_options}
         from flaxdiff import samplers as samplers_lib
 
         stochastic = samplers_lib.get(chosen, **sampler_options).stochastic

@@ -148,6 +148,7 @@ class DiffusersScheduler:
     final_sigmas_type: str = "zero"
     use_karras_sigmas: bool = False
     set_alpha_to_one: bool = True
+    lower_order_final: bool = True
 
     @classmethod
     def from_config(cls, values: Mapping[str, Any]) -> DiffusersScheduler:
@@ -190,7 +191,7 @@ class DiffusersScheduler:
                    timestep_spacing=str(cfg["timestep_spacing"]), steps_offset=int(cfg["steps_offset"]),
                    rescale_betas_zero_snr=bool(cfg["rescale_betas_zero_snr"]),
                    final_sigmas_type=str(cfg["final_sigmas_type"]), use_karras_sigmas=bool(cfg["use_karras_sigmas"]),
-                   set_alpha_to_one=bool(cfg["set_alpha_to_one"]))
+                   set_alpha_to_one=bool(cfg["set_alpha_to_one"]), lower_order_final=bool(cfg["lower_order_final"]))
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> DiffusersScheduler:
@@ -219,6 +220,17 @@ class DiffusersScheduler:
     def sampler(self) -> str:
         """The flaxdiff sampler reproducing this scheduler class (DEFAULT_SAMPLER for the others)."""
         return SAMPLER_OF_CLASS.get(self.class_name, DEFAULT_SAMPLER)
+
+    def sampler_options(self, steps: int) -> dict[str, Any]:
+        """Options of :attr:`sampler` that make it take exactly diffusers' steps (only those the sampler has):
+        DPM-Solver++(2M) keeps second order on every step diffusers does (no step-size extrapolation guard) and
+        lowers the order of its last step when diffusers' ``lower_order_final`` does (fewer than 15 steps)."""
+        if self.class_name != "DPMSolverMultistepScheduler":
+            return {}
+        wanted = {"max_step_growth": math.inf, "max_step": math.inf,
+                  "lower_order_final": self.lower_order_final and steps < 15}
+        fields = {field.name for field in dataclasses.fields(type(samplers_lib.get(self.sampler)))}
+        return {key: value for key, value in wanted.items() if key in fields}
 
     @property
     def grid_family(self) -> str:
@@ -398,6 +410,8 @@ def sample(model_fn: ModelFn, scheduler: DiffusersScheduler, noise: Array, steps
         raise ValueError("guidance_scale needs null_cond (the unconditional / negative-prompt conditioning)")
     if denoiser is None:
         denoiser = make_denoiser(model_fn, scheduler, grid, guided, guidance_interval)
+    if sampler is None:
+        sampler_options = {**scheduler.sampler_options(steps), **sampler_options}
     noise = jnp.asarray(noise, jnp.float32)
     scaled = noise * jnp.float32(grid.start_scale / grid.sigmas[0])
     aux = (params, {} if cond is None else cond, null_cond, None if not guided else jnp.float32(guidance_scale))
