@@ -362,7 +362,7 @@ def resolve_run(config: RunConfig, data: Data) -> RunConfig:
     options.setdefault("num_classes", data.num_classes)
     if data.text is not None:
         options.setdefault("text_dim", data.text.width)
-        options.setdefault("pooled_dim", data.text.width)
+        options.setdefault("pooled_dim", getattr(data.text, "pooled_width", data.text.width))
     if config.model.name.lower().startswith("dit"):
         options.setdefault("input_size", image_shape[0])
     return config.replace(data={"num_classes": data.num_classes, "channels": data.channels},
