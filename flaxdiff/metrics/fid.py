@@ -397,7 +397,8 @@ def eval_command(args: Any, pipe: Any, settings: dict[str, Any]) -> dict[str, An
     if out.exists() and not args.overwrite:
         raise ValueError(f"{out} already exists; pass --overwrite or --out")
     result = fid_eval(pipe, args.ref, weights=args.weights, num_samples=args.num_samples, seed=args.seed,
-                      batch_size=args.batch_size, save_ref_stats=args.save_ref_stats, **settings)
+                      batch_size=args.batch_size, feature_batch_size=min(64, args.batch_size),
+                      save_ref_stats=args.save_ref_stats, **settings)
     result["checkpoint_dir"] = str(Path(args.checkpoint_dir).absolute())
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
