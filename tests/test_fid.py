@@ -6,6 +6,7 @@ round-trip through pytorch-fid's loader; streaming statistics equal np.mean / np
 pytorch-fid imports torchvision, which is not installable here: the few torchvision names it uses are stubbed in
 sys.modules with torch-fidelity's torchvision-free copies of the same torch blocks (same submodule names, so
 pytorch-fid's FIDInceptionA/C/E_1/E_2 subclasses build on them and run their own forward passes)."""
+import importlib.machinery
 import importlib.util
 import json
 import sys
@@ -69,8 +70,11 @@ def pytorch_fid():
     models.inception = inc
     transforms = types.ModuleType("torchvision.transforms")
     tv.models, tv.transforms = models, transforms
-    sys.modules.update({"torchvision": tv, "torchvision.models": models, "torchvision.models.inception": inc,
-                        "torchvision.transforms": transforms})
+    stubs = {"torchvision": tv, "torchvision.models": models, "torchvision.models.inception": inc,
+             "torchvision.transforms": transforms}
+    for name, module in stubs.items():
+        module.__spec__ = importlib.machinery.ModuleSpec(name, None)  # find_spec() must not raise while stubbed
+    sys.modules.update(stubs)
     import pytorch_fid.fid_score
     import pytorch_fid.inception
 
