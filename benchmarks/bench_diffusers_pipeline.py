@@ -10,7 +10,8 @@ classifier-free guidance 7.5 with negative prompts, the same initial latents and
 Reported: compile time of our first call, then the median wall time over ``--repeats`` calls per image for each
 side, and the max abs difference of their images. Usage:
 
-    python benchmarks/bench_diffusers_pipeline.py [--steps 20] [--batch 2] [--size 32] [--repeats 3]
+    python benchmarks/bench_diffusers_pipeline.py [--steps 20] [--batch 2] [--size 32] [--repeats 3] \
+        [--torch-threads 1]
 """
 from __future__ import annotations
 
@@ -78,10 +79,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--size", type=int, default=32, help="image size of the built pipeline (latents size / 2)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--torch-threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's; 1 avoids spin-waiting on a loaded machine)")
     args = parser.parse_args()
 
     import numpy as np
     import torch
+
+    if args.torch_threads is not None:
+        torch.set_num_threads(args.torch_threads)
     from diffusers import StableDiffusionPipeline
 
     from flaxdiff.interop.diffusers_pipeline import DiffusersPipeline
