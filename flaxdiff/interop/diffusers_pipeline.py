@@ -299,8 +299,9 @@ class DiffusersPipeline:
     def training_parts(self, height: int | None = None, width: int | None = None) -> dict[str, Any]:
         """What ``flaxdiff.losses.diffusion_loss`` (and the trainer's loss object) needs to fine-tune the denoiser:
 
-            apply_fn      (params, x, c_noise, cond) -> F in the toolkit's convention (timestep k = c_noise T / 1000 - 1;
-                          a DiT returns its eps channels, the learned variance is not trained)
+            apply_fn      (params, x, c_noise, cond) -> F in the toolkit's convention (timestep
+                          k = c_noise T / 1000 - 1; a DiT returns its eps channels, the learned variance is not
+                          trained)
             params        the denoiser's float32 params
             schedule      the scheduler's DiscreteVPSchedule; predictor: its epsilon / v / x0 predictor
             time_sampler  losses.DiscreteTime(): t = i / T, i ~ U{1..T}, i.e. diffusers' k = i - 1 ~ U{0..T-1}
