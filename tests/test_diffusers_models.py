@@ -168,6 +168,21 @@ def test_key_map_is_a_bijection_with_explicit_names():
     assert "add_embedding.linear_2.weight" in key_map
 
 
+def test_sharded_checkpoints_load(tmp_path):
+    torch.manual_seed(0)
+    model = TorchUNet(**TINY_UNET)
+    model.save_pretrained(tmp_path / "single")
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert not (tmp_path / "sharded" / du.WEIGHTS_FILE).exists()
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
+    _, single, _ = du.load_diffusers_unet(tmp_path / "single")
+    _, sharded, _ = du.load_diffusers_unet(tmp_path / "sharded")
+    flat_single, flat_sharded = du.safetensors_io.flatten_tree(single), du.safetensors_io.flatten_tree(sharded)
+    assert sorted(flat_single) == sorted(flat_sharded)
+    for key, value in flat_single.items():
+        np.testing.assert_array_equal(flat_sharded[key], value)
+
+
 def test_load_errors_name_the_first_bad_key(tmp_path):
     torch.manual_seed(0)
     path = _save(TorchUNet(**TINY_UNET), tmp_path / "unet")

@@ -666,11 +666,21 @@ def to_torch_state_dict(params: Mapping[str, Any], config: UNet2DConditionConfig
 
 def read_diffusers_dir(path: str | Path, what: str) -> tuple[dict[str, Any], dict[str, np.ndarray], str]:
     """``(config dict, state dict, weights path)`` of a diffusers model directory (config.json +
-    diffusion_pytorch_model.safetensors)."""
+    diffusion_pytorch_model.safetensors, or its shards listed in diffusion_pytorch_model.safetensors.index.json)."""
     path = Path(path)
     config_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
     if not config_path.is_file():
         raise ValueError(f"no {CONFIG_FILE} in {path}; expected a diffusers {what} directory")
+    index_path = path / f"{WEIGHTS_FILE}.index.json"
+    if not weights_path.is_file() and index_path.is_file():
+        shards = sorted(set(json.loads(index_path.read_text())["weight_map"].values()))
+        missing = [name for name in shards if not (path / name).is_file()]
+        if missing:
+            raise ValueError(f"{index_path} lists shard {missing[0]}, which is not in {path}")
+        state: dict[str, np.ndarray] = {}
+        for name in shards:
+            state.update(load_file(str(path / name)))
+        return json.loads(config_path.read_text()), state, str(index_path)
     if not weights_path.is_file():
         found = sorted(p.name for p in path.glob("*.safetensors")) if path.is_dir() else []
         raise ValueError(f"no {WEIGHTS_FILE} in {path}; safetensors files there: {found} (.bin checkpoints must be "
