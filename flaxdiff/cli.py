@@ -2,6 +2,7 @@
 
     flaxdiff sample runs/mnist --out grid.png [--classes 0,3,7] [--per-class 10] [--guidance 3] [--steps 20]
     flaxdiff sample runs/text --out grid.png --prompt "the number 7" "a handwritten digit two" [--per-class 8]
+    flaxdiff sample --diffusers path/to/sd15 --out grid.png --prompts "a red apple" [--negative-prompts "blurry"]
     flaxdiff eval runs/mnist [--per-class 100] [--out metrics.json]
     flaxdiff export runs/mnist exported/ [--step N] [--no-ema]
 
@@ -86,8 +87,19 @@ def _interval(text: str) -> list[float] | None:
     return values
 
 
-def _add_sampling(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint_dir", help="training run directory or its checkpoints/ directory")
+def _add_sampling(parser: argparse.ArgumentParser, diffusers: bool = False) -> None:
+    if diffusers:
+        parser.add_argument("checkpoint_dir", nargs="?", default=None,
+                            help="training run directory, its checkpoints/ directory, or a diffusers pipeline "
+                                 "directory (model_index.json)")
+        parser.add_argument("--diffusers", metavar="PATH", default=None,
+                            help="a diffusers pipeline directory (StableDiffusion, SDXL, DiT) instead of a run")
+        parser.add_argument("--negative-prompts", nargs="+", default=None,
+                            help="negative prompts of a diffusers text-to-image pipeline (one, or one per prompt)")
+        parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                            help="compute dtype of a diffusers pipeline")
+    else:
+        parser.add_argument("checkpoint_dir", help="training run directory or its checkpoints/ directory")
     parser.add_argument("--step", type=_step, default=None, help="checkpoint step (default: the latest)")
     ema = parser.add_mutually_exclusive_group()
     ema.add_argument("--ema", dest="ema", action="store_const", const=True, default=None,
@@ -113,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sample = commands.add_parser("sample", help="write a PNG grid of samples (one row per class)",
                                  allow_abbrev=False)
-    _add_sampling(sample)
+    _add_sampling(sample, diffusers=True)
     sample.add_argument("--out", required=True, help="output PNG path")
     sample.add_argument("--classes", type=_int_list, default=None,
                         help="comma-separated classes, one grid row each (default: all classes)")
@@ -231,6 +243,13 @@ def cmd_sample(args: argparse.Namespace) -> dict[str, Any]:
     from flaxdiff.training import save_image_grid
 
     out = _check_output_file(args.out, args.overwrite, ".png")
+    if args.diffusers is not None and args.checkpoint_dir is not None:
+        raise CLIError("give a checkpoint directory or --diffusers PATH, not both")
+    source = args.diffusers or args.checkpoint_dir
+    if source is None:
+        raise CLIError("give a checkpoint directory (or --diffusers PATH)")
+    if args.diffusers is not None or (Path(source) / "model_index.json").is_file():
+        return _sample_diffusers(source, out, args)
     pipe = _load(args)
     prompts = None
     if pipe.text is not None and args.prompts is not None:
@@ -251,6 +270,30 @@ def cmd_sample(args: argparse.Namespace) -> dict[str, Any]:
               "pixels": [rows * height, columns * width], "step": pipe.step, **settings}
     logger.info("wrote %s: %d images, %d x %d grid", out, count, rows, columns)
     return result
+
+
+def _sample_diffusers(path: str, out: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """``flaxdiff sample --diffusers PATH --prompts ...``: one grid row per prompt (or DiT class)."""
+    from flaxdiff import samplers, timesteps
+    from flaxdiff.interop.diffusers_pipeline import sample_grid
+
+    if not (Path(path) / "model_index.json").is_file():
+        raise CLIError(f"--diffusers {path}: no model_index.json (expected a diffusers pipeline directory)")
+    if args.steps is not None and args.steps < 1:
+        raise CLIError(f"--steps {args.steps} is invalid; accepted: an integer >= 1")
+    if args.guidance is not None and args.guidance < 0:
+        raise CLIError(f"--guidance {args.guidance} is invalid; accepted: a finite number >= 0 (1: no guidance)")
+    if args.sampler is not None and args.sampler not in samplers.available():
+        raise CLIError(f"--sampler {args.sampler!r} is unknown; accepted: {', '.join(samplers.available())}")
+    if args.grid is not None and args.grid not in timesteps.available():
+        raise CLIError(f"--grid {args.grid!r} is unknown; accepted: {', '.join(timesteps.available())}")
+    negative = args.negative_prompts
+    if negative is not None and args.prompts is not None and len(negative) == 1:
+        negative = negative * len(args.prompts)
+    return sample_grid(path, out, prompts=args.prompts, labels=args.classes, per_prompt=args.per_class or 1,
+                       steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler, grid=args.grid,
+                       seed=args.seed, guidance_interval=args.guidance_interval, dtype=args.dtype,
+                       negative_prompts=negative)
 
 
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:

@@ -258,3 +258,25 @@ def test_pipeline_errors(sd_pipe, tmp_path):
         sd_pipe.generate(["a"], latents=np.zeros((1, 4, 4, 4), np.float32))
     with pytest.raises(ValueError, match="no model_index.json in"):
         DiffusersPipeline.from_pretrained(tmp_path)
+
+
+def test_cli_sample_diffusers(sd_dir, sd_pipe, tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from flaxdiff import cli
+
+    out = tmp_path / "cli.png"
+    code = cli.main(["sample", "--diffusers", str(sd_dir), "--out", str(out), "--prompts", "a photo of a cat",
+                     "--steps", str(STEPS), "--sampler", "euler", "--guidance", "5", "--seed", "1"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and report["rows"] == 1 and report["guidance_scale"] == 5.0 and report["sampler"] == "euler"
+    expected = sd_pipe.generate(["a photo of a cat"], seed=1, steps=STEPS, sampler="euler", guidance_scale=5.0)
+    pixels = np.asarray(Image.open(out), np.float32) / 255.0
+    np.testing.assert_allclose(pixels, expected[0], atol=1 / 255 + 1e-6)
+    # a diffusers directory given as the positional path is recognised by its model_index.json
+    assert cli.main(["sample", str(sd_dir), "--out", str(tmp_path / "b.png"), "--prompts", "x", "--steps", "1"]) == 0
+    capsys.readouterr()
+    assert cli.main(["sample", "--diffusers", str(tmp_path), "--out", str(tmp_path / "c.png"), "--prompts", "x"]) == 2
+    assert "no model_index.json" in capsys.readouterr().err
