@@ -188,8 +188,14 @@ def config_differences(saved: RunConfig, current: RunConfig) -> list[str]:
 
 
 def _restore_state(step_dir: Path) -> Any:
+    """The whole TrainState of a step as single-device arrays. orbax's internal warnings while reading (e.g.
+    "Metadata file does not exist") go to the debug level of this module's logger."""
     import orbax.checkpoint as ocp
 
+    absl_logger = logging.getLogger("absl")
+    previous = absl_logger.level
+    if not logger.isEnabledFor(logging.DEBUG):
+        absl_logger.setLevel(logging.ERROR)
     checkpointer = ocp.StandardCheckpointer()
     try:
         metadata = checkpointer.metadata(step_dir / STATE)
@@ -199,6 +205,7 @@ def _restore_state(step_dir: Path) -> Any:
         return checkpointer.restore(step_dir / STATE, abstract)
     finally:
         checkpointer.close()
+        absl_logger.setLevel(previous)
 
 
 def load_params(ckpt_dir: str | Path, step: int | None = None, ema: bool = True) -> Any:

@@ -62,3 +62,31 @@ def test_resolve_checkpoint_dir_errors(tmp_path):
         resolve_checkpoint_dir(tmp_path / "missing")
     with pytest.raises(ValueError, match="holds no checkpoint steps"):
         resolve_checkpoint_dir(tmp_path)
+
+
+def test_repeated_generate_compiles_nothing_new(run_dir):
+    """What `flaxdiff eval` and the training preview do: sampling again (other labels, seed, params of the same
+    shapes, a with_params clone) reuses the compiled sampler; counted with jax.monitoring's compile events."""
+    import jax
+    import jax.numpy as jnp
+
+    pipe = Pipeline.from_pretrained(run_dir)
+    other = jax.tree.map(lambda p: p + jnp.asarray(0.01, p.dtype), pipe.params)
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        options = dict(sampler="dpmpp_2m", steps=3, guidance_scale=3.0, output="float")
+        first = pipe.generate(labels=[0, 1, 2, 3], seed=0, **options)
+        after_first = len(compiles)
+        second = pipe.generate(labels=[7, 8, 9, 1], seed=5, **options)
+        third = pipe.with_params(other).generate(labels=[7, 8, 9, 1], seed=5, **options)
+        assert len(compiles) == after_first, f"{len(compiles) - after_first} new compilations"
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert after_first > 0 and first.shape == second.shape == (4, 16, 16, 1)
+    assert float(np.max(np.abs(third - second))) > 0
