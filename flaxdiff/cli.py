@@ -120,8 +120,11 @@ def _add_sampling(parser: argparse.ArgumentParser, diffusers: bool = False) -> N
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from flaxdiff.data import commands as data_commands
+    from flaxdiff.metrics import fid
+
     parser = _Parser(prog="flaxdiff", description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    commands = parser.add_subparsers(dest="command", metavar="{sample,eval,export}", required=True)
+    commands = parser.add_subparsers(dest="command", metavar="{sample,eval,export,data}", required=True)
 
     sample = commands.add_parser("sample", help="write a PNG grid of samples (one row per class)",
                                  allow_abbrev=False)
@@ -148,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--classifier-cache", default=None,
                           help="directory of the cached digit classifier (default: $FLAXDIFF_CACHE/classifier "
                                "or ~/.cache/flaxdiff/classifier)")
+    fid.add_eval_arguments(evaluate)  # --metric fid --ref REF --weights W --num-samples N (docs/fid.md)
 
     export = commands.add_parser("export", help="write model.safetensors + config.json from a checkpoint",
                                  allow_abbrev=False)
@@ -156,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--step", type=_step, default=None, help="checkpoint step (default: the latest)")
     export.add_argument("--no-ema", action="store_true", help="export the raw params instead of the EMA params")
     export.add_argument("--overwrite", action="store_true", help="write into a non-empty output directory")
+    data_commands.add_parsers(commands)  # flaxdiff data convert|encode|info|fid-stats (docs/data.md)
     return parser
 
 
@@ -301,6 +306,10 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     from flaxdiff.training import save_image_grid
 
     pipe = _load(args)
+    if args.metric == "fid":
+        from flaxdiff.metrics import fid
+
+        return fid.eval_command(args, pipe, _settings(pipe, args))
     if pipe.num_classes == 0:
         raise CLIError(f"eval scores class-conditional samples; {args.checkpoint_dir} is unconditional")
     if args.per_class < 2:
@@ -347,7 +356,13 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
 
 CLASSIFIER_SIZE = 32  # the classifier resizes every sample to 32x32, so all image sizes share one cached model
 
-COMMANDS = {"sample": cmd_sample, "eval": cmd_eval, "export": cmd_export}
+def cmd_data(args: argparse.Namespace) -> dict[str, Any]:
+    from flaxdiff.data import commands as data_commands
+
+    return data_commands.command(args)
+
+
+COMMANDS = {"sample": cmd_sample, "eval": cmd_eval, "export": cmd_export, "data": cmd_data}
 
 
 class _Parser(argparse.ArgumentParser):

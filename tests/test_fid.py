@@ -319,3 +319,26 @@ def test_fid_stats_command_matches_pytorch_fid_statistics_of_the_same_images(tor
     np.testing.assert_allclose(sigma, np.cov(want.astype(np.float64), rowvar=False), atol=1e-4)
     assert commands.main(["fid-stats", str(folder), str(out), "--weights", str(release)]) == 2
     assert "already exists; pass --overwrite" in capsys.readouterr().err
+
+
+def test_cli_data_and_eval_metric_fid_end_to_end(run_dir, torch_net, tmp_path, capsys):
+    """`flaxdiff data fid-stats` of the digits and `flaxdiff eval CKPT --metric fid --ref STATS` of the tiny
+    training.py checkpoint, through the flaxdiff console entry point, with the (random) FID Inception weights."""
+    from flaxdiff import cli
+
+    model, path = torch_net
+    release = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
+    torch.save(_to_release_names(model, torch.load(path, weights_only=True)), release)
+    ref = tmp_path / "digits16.npz"
+    assert cli.main(["data", "fid-stats", "digits", str(ref), "--weights", str(release), "--image-size", "16",
+                     "--batch-size", "2", "--limit", "4"]) == 0
+    assert json.loads(capsys.readouterr().out)["count"] == 4
+    common = ["eval", str(run_dir), "--metric", "fid", "--ref", str(ref), "--num-samples", "4", "--batch-size", "2",
+              "--steps", "2"]
+    assert cli.main(common) == 2
+    assert "--metric fid needs --weights PATH" in capsys.readouterr().err
+    out = tmp_path / "fid.json"
+    assert cli.main([*common, "--weights", str(release), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["num_samples"] == 4 and result["ref_count"] == 4 and np.isfinite(result["fid"])
+    assert result["fid"] > 0 and json.loads(capsys.readouterr().out)["out"] == str(out)
