@@ -321,24 +321,35 @@ def test_fid_stats_command_matches_pytorch_fid_statistics_of_the_same_images(tor
     assert "already exists; pass --overwrite" in capsys.readouterr().err
 
 
-def test_cli_data_and_eval_metric_fid_end_to_end(run_dir, torch_net, tmp_path, capsys):
-    """`flaxdiff data fid-stats` of the digits and `flaxdiff eval CKPT --metric fid --ref STATS` of the tiny
-    training.py checkpoint, through the flaxdiff console entry point, with the (random) FID Inception weights."""
+def test_cli_data_and_eval_metric_fid_end_to_end(run_dir, tmp_path, capsys, monkeypatch):
+    """`flaxdiff data fid-stats` of the digits and `flaxdiff eval CKPT --metric fid --ref STATS --weights W` of the
+    tiny training.py checkpoint through the console entry point. The Inception network is replaced by a fixed
+    projection here (its own path, weights -> features -> stats, is checked against pytorch-fid above); this test
+    checks the CLI wiring: flags, the reference stats file, streaming over --batch-size, the JSON result."""
     from flaxdiff import cli
 
-    model, path = torch_net
-    release = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
-    torch.save(_to_release_names(model, torch.load(path, weights_only=True)), release)
+    projection = np.random.default_rng(0).normal(size=(256, 12))
+    loaded = []
+
+    def from_weights(path, **kwargs):
+        loaded.append(Path(path).name)
+        return lambda images: np.asarray(images).mean(-1).reshape(len(images), -1) @ projection
+
+    monkeypatch.setattr(fid.InceptionExtractor, "from_weights", staticmethod(from_weights))
+    weights = "pt_inception-2015-12-05-6726825d.pth"
     ref = tmp_path / "digits16.npz"
-    assert cli.main(["data", "fid-stats", "digits", str(ref), "--weights", str(release), "--image-size", "16",
-                     "--batch-size", "2", "--limit", "4"]) == 0
-    assert json.loads(capsys.readouterr().out)["count"] == 4
-    common = ["eval", str(run_dir), "--metric", "fid", "--ref", str(ref), "--num-samples", "4", "--batch-size", "2",
+    assert cli.main(["data", "fid-stats", "digits", str(ref), "--weights", weights, "--image-size", "16",
+                     "--batch-size", "8", "--limit", "40"]) == 0
+    assert json.loads(capsys.readouterr().out)["count"] == 40
+    common = ["eval", str(run_dir), "--metric", "fid", "--ref", str(ref), "--num-samples", "20", "--batch-size", "10",
               "--steps", "2"]
     assert cli.main(common) == 2
     assert "--metric fid needs --weights PATH" in capsys.readouterr().err
     out = tmp_path / "fid.json"
-    assert cli.main([*common, "--weights", str(release), "--out", str(out)]) == 0
+    assert cli.main([*common, "--weights", weights, "--out", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert result["num_samples"] == 4 and result["ref_count"] == 4 and np.isfinite(result["fid"])
-    assert result["fid"] > 0 and json.loads(capsys.readouterr().out)["out"] == str(out)
+    assert result["num_samples"] == 20 and result["ref_count"] == 40 and result["method"] == "sqrtm"
+    assert np.isfinite(result["fid"]) and result["fid"] > 0 and result["steps"] == 2
+    assert json.loads(capsys.readouterr().out)["out"] == str(out) and loaded == [weights, weights]
+    assert cli.main([*common, "--weights", weights, "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err

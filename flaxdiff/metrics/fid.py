@@ -314,7 +314,8 @@ def fid_eval(checkpoint_dir: Any, ref: str | Path, weights: str | Path | None = 
     """FID of ``num_samples`` samples of a checkpoint (a run directory or a loaded
     :class:`~flaxdiff.pipeline.Pipeline`) against ``ref`` (stats ``.npz`` or dataset), streaming.
 
-    Samples are drawn ``batch_size`` at a time (chunk j with seed ``seed + 1000003 j``), scored and dropped, so
+    The distance uses scipy's ``sqrtm`` like pytorch-fid when both sets have more samples than feature dimensions
+    (covariances of full rank), the eigenvalue form otherwise. Samples are drawn ``batch_size`` at a time (chunk j with seed ``seed + 1000003 j``), scored and dropped, so
     memory is bounded whatever ``num_samples``. Class-conditional models draw labels ``i mod num_classes``;
     text-conditioned models take the captions of ``ref`` in order (ref must then be a captioned dataset).
     ``weights`` is the FID Inception weight file (or pass any ``feature_fn`` on [-1, 1] images). Sampling settings
@@ -360,8 +361,12 @@ def fid_eval(checkpoint_dir: Any, ref: str | Path, weights: str | Path | None = 
             stats = FeatureStats(features.shape[1])
         stats.update(features)
         logger.info("fid: %d / %d samples scored", stats.count, num_samples)
-    value = frechet_distance(stats.mu, stats.sigma, ref_mu, ref_sigma)
-    return {"fid": value, "num_samples": stats.count, "ref": str(ref), "ref_count": ref_count,
+    # scipy's sqrtm (pytorch-fid's method) needs full-rank covariances: with no more samples than feature
+    # dimensions S is singular, sqrtm slow and inaccurate, and the eigenvalue form is the well-defined one
+    full_rank = stats.count > stats.dim and (ref_count < 0 or ref_count > stats.dim)
+    method = "sqrtm" if full_rank else "eigh"
+    value = frechet_distance(stats.mu, stats.sigma, ref_mu, ref_sigma, method=method)
+    return {"fid": value, "method": method, "num_samples": stats.count, "ref": str(ref), "ref_count": ref_count,
             "sampler": sampler, "steps": steps, "guidance_scale": guidance_scale, **sample_settings, "seed": seed,
             "step": pipe.step, "ema": ema}
 
