@@ -164,6 +164,7 @@ def torch_denoiser(problem: dict):
 
 
 def run(args: argparse.Namespace) -> dict:
+    args.samplers = getattr(args, "samplers", None)
     k_sampling = load_k_diffusion()
     results = {"config": {"sigma_min": SIGMA_MIN, "sigma_max": SIGMA_MAX, "budgets": BUDGETS,
                           "k_diffusion": k_sampling is not None}, "problems": {}}
@@ -187,6 +188,9 @@ def run(args: argparse.Namespace) -> dict:
                          "swd": sliced_wasserstein(x, exact), "seconds": seconds})
 
         for label, (registry_name, options) in our_samplers().items():
+            if args.samplers and registry_name not in args.samplers:
+                continue
+            jax.clear_caches()  # hundreds of compiled grids otherwise exhaust memory
             per_step = samplers.get(registry_name, **options).nfe_per_step
             for budget in BUDGETS:
                 for grid_name in GRIDS:
@@ -331,7 +335,12 @@ def main() -> None:
     parser.add_argument("--plot", default="docs/samplers_error_vs_nfe.png")
     parser.add_argument("--samples-2d", type=int, default=4096)
     parser.add_argument("--samples-64d", type=int, default=1024)
+    parser.add_argument("--budgets", type=int, nargs="*", help="NFE budgets (default: 5-20 and 50)")
+    parser.add_argument("--samplers", nargs="*", help="our registry names to run (default: all)")
     args = parser.parse_args()
+    if args.budgets:
+        global BUDGETS, SUMMARY_BUDGETS
+        BUDGETS = SUMMARY_BUDGETS = tuple(args.budgets)
     load_before = os.getloadavg()
     results = run(args)
     results["config"]["load_average_before_after"] = [load_before, os.getloadavg()]
