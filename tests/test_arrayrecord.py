@@ -28,7 +28,7 @@ def folder(tmp_path_factory):
     """cat/ and dog/ with 6 RGB 12x10 PNGs each and a sidecar caption per image, plus one corrupt file."""
     root = tmp_path_factory.mktemp("images") / "src"
     rng = np.random.default_rng(0)
-    for label, name in enumerate(CLASSES):
+    for name in CLASSES:
         (root / name).mkdir(parents=True)
         for i in range(PER_CLASS):
             pixels = rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)
@@ -120,8 +120,9 @@ def autoencoder(tmp_path_factory):
     """A tiny randomly initialised KL autoencoder (f2, 2 latent channels, scaling 0.7) exported like a trained one."""
     config = models.get_config("autoencoder-tiny", block_out_channels=(8, 8), norm_num_groups=4, latent_channels=2,
                                in_channels=3, out_channels=3, scaling_factor=0.7)
-    shapes = jax.eval_shape(lambda: config.make().init({"params": jax.random.PRNGKey(0), "sample": jax.random.PRNGKey(0)},
-                                                       jnp.zeros((1, 8, 8, 3)))["params"])
+    key = jax.random.PRNGKey(0)
+    shapes = jax.eval_shape(
+        lambda: config.make().init({"params": key, "sample": key}, jnp.zeros((1, 8, 8, 3)))["params"])
     rng = np.random.default_rng(0)
 
     def draw(path, leaf):  # random weights without compiling init: N(0, 1 / fan_in) kernels, unit norm scales

@@ -41,7 +41,8 @@ def add_parsers(subparsers: Any) -> argparse.ArgumentParser:
     convert.add_argument("--format", dest="image_format", default="raw", choices=("raw", "png"),
                          help="raw uint8 arrays (fastest to read) or PNG bytes (smaller)")
     convert.add_argument("--records-per-shard", type=int, default=1024, help="records per shard")
-    convert.add_argument("--num-shards", type=int, default=None, help="number of shards (overrides --records-per-shard)")
+    convert.add_argument("--num-shards", type=int, default=None,
+                         help="number of shards (overrides --records-per-shard)")
     convert.add_argument("--workers", type=int, default=None, help="processes (default: the CPU count)")
     convert.add_argument("--split", default="train", help="split of mnist/digits/TFDS sources")
     convert.add_argument("--data-dir", default=None, help="TFDS data directory")

@@ -186,7 +186,8 @@ def load_stats(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 class InceptionExtractor:
     """``images (N, H, W, C) -> pool features (N, 2048)`` float64 with the FID Inception, jitted, the batch split
     over every device of ``mesh`` (default: a 1-d mesh of the local devices); every chunk is padded to
-    ``batch_size`` (rounded up to a multiple of the device count) so one compilation serves any N. ``value_range`` is the range of float inputs (flaxdiff images are in [-1, 1]); uint8 is 0..255."""
+    ``batch_size`` (rounded up to a multiple of the device count) so one compilation serves any N.
+    ``value_range`` is the range of float inputs (flaxdiff images are in [-1, 1]); uint8 is 0..255."""
 
     def __init__(self, params: Any, batch_size: int = 64, mesh: jax.sharding.Mesh | None = None,
                  value_range: tuple[float, float] = (-1.0, 1.0), resize: bool = True) -> None:
@@ -315,7 +316,8 @@ def fid_eval(checkpoint_dir: Any, ref: str | Path, weights: str | Path | None = 
     :class:`~flaxdiff.pipeline.Pipeline`) against ``ref`` (stats ``.npz`` or dataset), streaming.
 
     The distance uses scipy's ``sqrtm`` like pytorch-fid when both sets have more samples than feature dimensions
-    (covariances of full rank), the eigenvalue form otherwise. Samples are drawn ``batch_size`` at a time (chunk j with seed ``seed + 1000003 j``), scored and dropped, so
+    (covariances of full rank), the eigenvalue form otherwise. Samples are drawn ``batch_size`` at a time
+    (chunk j with seed ``seed + 1000003 j``), scored and dropped, so
     memory is bounded whatever ``num_samples``. Class-conditional models draw labels ``i mod num_classes``;
     text-conditioned models take the captions of ``ref`` in order (ref must then be a captioned dataset).
     ``weights`` is the FID Inception weight file (or pass any ``feature_fn`` on [-1, 1] images). Sampling settings
