@@ -300,16 +300,28 @@ def build_data(config: RunConfig, workdir: Path, local_batch: int) -> Data:
     source = data.load_source(cfg.dataset, **options)
     data.check_finite(source, cfg.dataset)
     num_classes = cfg.num_classes if cfg.num_classes is not None else int(getattr(source, "num_classes", 0) or 0)
+    encoded = precomputed(source)
     text = None
-    if cfg.captions:
+    keep = ("image", "label") if num_classes > 0 else ("image",)
+    if encoded.get("text_encoder"):
+        # text embeddings precomputed by `flaxdiff data encode`: trained on as they are, the encoder kept for sampling
+        from flaxdiff.data import captions
+
+        text = captions.TextConditioner.create(encoded["text_encoder"])
+        num_classes, keep = 0, ("image", "text", "text_mask", "pooled")
+    elif cfg.captions:
         from flaxdiff.data import captions
 
         source = captions.with_captions(source, cfg.captions, seed=config.train.seed)
         text = captions.TextConditioner.create(cfg.text_encoder, seed=config.train.seed)
-        num_classes = 0
+        num_classes, keep = 0, ("image", "text", "text_mask", "pooled")
     codec = None
     train_source = source
-    if cfg.latent_autoencoder:
+    if encoded.get("autoencoder"):
+        from flaxdiff import latents
+
+        codec = latents.load_codec(encoded["autoencoder"])
+    elif cfg.latent_autoencoder:
         from flaxdiff import latents
 
         codec = latents.load_codec(cfg.latent_autoencoder)
@@ -323,8 +335,9 @@ def build_data(config: RunConfig, workdir: Path, local_batch: int) -> Data:
     loader = data.make_loader(train_source, local_batch, cfg.image_size if pixels else None, seed=config.train.seed,
                               worker_count=cfg.worker_count, channels=cfg.channels if pixels else None,
                               random_flip=cfg.random_flip and pixels, tokenizer=tokenizer)
-    if text is not None:
+    if text is not None and not encoded.get("text_encoder"):
         loader = captions.TextIterator(loader, text)
+    loader = MappedIterator(loader, lambda batch: {key: batch[key] for key in keep if key in batch})
     first = next(loader)
     if num_classes > 0:
         labels = np.asarray(first["label"])
@@ -353,6 +366,26 @@ def build_data(config: RunConfig, workdir: Path, local_batch: int) -> Data:
     return Data(source, MappedIterator(loader, None, first), example, num_classes, channels, text, codec, val_data)
 
 
+def precomputed(source: Any) -> dict[str, str]:
+    """What a dataset written by ``flaxdiff data encode`` already holds: {"autoencoder": its directory} when the
+    images are scaled latents, {"text_encoder": its directory} when text embeddings are stored (both resolved
+    against the dataset directory first)."""
+    manifest = getattr(source, "manifest", None)
+    if not isinstance(manifest, Mapping):
+        return {}
+    root = Path(getattr(source, "root", "."))
+    found = {}
+    autoencoder = manifest.get("autoencoder") if manifest.get("kind") == "latents" else None
+    if isinstance(autoencoder, Mapping):
+        relative = autoencoder.get("relative_path")
+        found["autoencoder"] = str(root / relative) if relative and (root / relative).exists() else \
+            str(autoencoder.get("path"))
+    encoder = manifest.get("text_encoder")
+    if isinstance(encoder, Mapping) and encoder.get("path"):
+        found["text_encoder"] = str(root / encoder["path"])
+    return found
+
+
 def resolve_run(config: RunConfig, data: Data) -> RunConfig:
     """The config with everything the data decides filled in (classes, channels, the model's input sizes), so
     that the saved config rebuilds the model alone and resolves to itself when fed back."""
@@ -365,8 +398,13 @@ def resolve_run(config: RunConfig, data: Data) -> RunConfig:
         options.setdefault("pooled_dim", getattr(data.text, "pooled_width", data.text.width))
     if config.model.name.lower().startswith("dit"):
         options.setdefault("input_size", image_shape[0])
-    return config.replace(data={"num_classes": data.num_classes, "channels": data.channels},
-                          model={"options": options})
+    resolved: dict[str, Any] = {"num_classes": data.num_classes, "channels": data.channels}
+    encoded = precomputed(data.source)
+    if encoded.get("autoencoder"):
+        resolved["latent_autoencoder"] = encoded["autoencoder"]
+    if encoded.get("text_encoder"):
+        resolved.update(captions="source", text_encoder=encoded["text_encoder"])
+    return config.replace(data=resolved, model={"options": options})
 
 
 def total_steps(config: RunConfig, examples: int) -> int:

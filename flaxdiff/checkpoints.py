@@ -161,11 +161,16 @@ def config_differences(saved: RunConfig, current: RunConfig) -> list[str]:
     """Dotted names of the settings that differ, except the run-only ones (``flaxdiff.config.RUN_ONLY``), and
     except ``train.steps`` / ``train.epochs`` only when the LR schedule does not depend on the run length."""
     saved_values, current_values = saved.to_dict(), current.to_dict()
-    # what training resolves from the data matches an unresolved setting: data.num_classes / data.channels null,
-    # and the model options it fills in when absent
-    for name in ("num_classes", "channels"):
-        if current_values["data"][name] is None:
-            current_values["data"][name] = saved_values["data"][name]
+    # what training resolves from the data matches an unresolved setting: data.num_classes / channels /
+    # latent_autoencoder / captions null (an encoded dataset brings its own autoencoder and text encoder), and the
+    # model options it fills in when absent
+    data = current_values["data"]
+    if data["captions"] is None and saved_values["data"]["captions"] is not None:
+        # the text conditioning came from the dataset (embeddings precomputed by `flaxdiff data encode`)
+        data["text_encoder"] = saved_values["data"]["text_encoder"]
+    for name in ("num_classes", "channels", "latent_autoencoder", "captions"):
+        if data[name] is None:
+            data[name] = saved_values["data"][name]
     options = current_values["model"]["options"]
     for name in RESOLVED_MODEL_OPTIONS:
         if name in saved_values["model"]["options"] and name not in options:

@@ -251,3 +251,44 @@ def test_training_script_trains_a_caption_model_on_a_converted_directory_and_res
     losses = [(line["step"], line["train/loss"]) for line in lines if "train/loss" in line]
     assert [step for step, _ in losses] == [1, 2, 3, 3]
     assert losses[3][1] == pytest.approx(losses[2][1], rel=1e-5)  # same batch (data position) and same key
+
+
+def test_training_script_trains_on_precomputed_latents_and_embeddings(converted, autoencoder, tmp_path):
+    """An encoded dataset (scaled VAE latents + frozen text embeddings) trains as it is: no resize, no re-encoding;
+    the run records the dataset's autoencoder and text encoder, so the Pipeline decodes and takes prompts, and
+    --resume accepts the same command."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    import training
+    from flaxdiff.pipeline import Pipeline
+
+    src, _ = converted
+    workdir = tmp_path / "run"
+    encoded = workdir / "encoded"
+    arrayrecord.encode(src, encoded, autoencoder=str(autoencoder), text_encoder="text_encoder-tiny", image_size=8,
+                       batch_size=6, progress=False)
+    args = ["--dataset", str(encoded), "--image-size", "8", "--model", "unet-tiny", "--model-config",
+            '{"channel_mult": [1]}', "--batch-size", "4", "--steps", "2", "--log-every", "1",
+            "--preview-per-class", "0", "--lr-decay", "constant", "--workdir", str(workdir)]
+    assert training.main(args) == 0
+    saved = json.loads((workdir / "config.json").read_text())
+    assert saved["data"]["captions"] == "source" and saved["data"]["latent_autoencoder"] is not None
+    assert saved["model"]["options"]["in_channels"] == 2 and saved["data"]["num_classes"] == 0
+    pipe = Pipeline.from_pretrained(workdir)
+    assert pipe.sample_shape == (4, 4, 2) and pipe.image_shape == (8, 8, 3) and pipe.text is not None
+    images = pipe.generate(prompts=["a cat", "a dog"], sampler="euler", steps=2)
+    assert images.shape == (2, 8, 8, 3)
+    assert training.main([*args[:-2], "--steps", "3", "--workdir", str(workdir), "--resume"]) == 0
+
+
+def test_captions_in_the_data_are_ignored_without_captions(folder, tmp_path):
+    """A captioned folder trained without --captions is class-conditional: the caption strings never reach a batch."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    import training
+
+    workdir = tmp_path / "run"
+    assert training.main(["--dataset", str(folder), "--image-size", "8", "--model", "unet-tiny", "--model-config",
+                          "{}", "--batch-size", "4", "--steps", "1", "--preview-per-class", "0", "--workdir",
+                          str(workdir)]) == 0
+    assert json.loads((workdir / "config.json").read_text())["data"]["captions"] is None
