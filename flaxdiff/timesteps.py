@@ -58,7 +58,7 @@ __all__ = [
 ]
 
 # The default sampling grid, chosen by benchmarks/bench_samplers.py together with samplers.DEFAULT_SAMPLER.
-DEFAULT_GRID = "logsnr_uniform"
+DEFAULT_GRID = "time_quadratic"
 # Largest starting sigma ratio s = sigma / alpha for schedules whose terminal SNR is 0 (s = inf at t = 1).
 SIGMA_RATIO_CAP = 1000.0
 # Smallest schedule time used by default for schedules whose s(0) = 0 (one training step for discrete VP tables).
