@@ -38,8 +38,8 @@ import typing
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from flaxdiff.config import (ALIASES, SECTIONS, ConfigError, RunConfig, field_type, guidance_or_none,
-                             read_config_file)
+from flaxdiff.config import (ALIASES, SECTIONS, ConfigError, RunConfig, check_writable, field_type,
+                             guidance_or_none, read_config_file)
 
 logger = logging.getLogger("training")
 
@@ -186,11 +186,7 @@ def check_run_directory(config: RunConfig, invocation: argparse.Namespace) -> in
     workdir = Path(invocation.workdir).expanduser().absolute()
     if workdir.exists() and not workdir.is_dir():
         raise ConfigError(f"--workdir {workdir} exists and is not a directory")
-    ancestor = workdir
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise ConfigError(f"--workdir {workdir} cannot be written ({ancestor} is not writable)")
+    check_writable(workdir, "--workdir")
     ckpt_dir = _checkpoint_dir(workdir)
     steps = checkpoints.list_steps(ckpt_dir)
     if not steps:
@@ -284,6 +280,7 @@ class Data:
     text: Any = None
     codec: Any = None
     val_data: Any = None
+    encoded: dict = dataclasses.field(default_factory=dict)
 
 
 def build_data(config: RunConfig, workdir: Path, local_batch: int) -> Data:
@@ -363,7 +360,8 @@ def build_data(config: RunConfig, workdir: Path, local_batch: int) -> Data:
                 it = MappedIterator(it, lambda batch: {**batch, "image": np.asarray(codec.encode(batch["image"]))})
             return captions.TextIterator(it, text) if text is not None else it
 
-    return Data(source, MappedIterator(loader, None, first), example, num_classes, channels, text, codec, val_data)
+    return Data(source, MappedIterator(loader, None, first), example, num_classes, channels, text, codec, val_data,
+                encoded)
 
 
 def precomputed(source: Any) -> dict[str, str]:
@@ -399,11 +397,10 @@ def resolve_run(config: RunConfig, data: Data) -> RunConfig:
     if config.model.name.lower().startswith("dit"):
         options.setdefault("input_size", image_shape[0])
     resolved: dict[str, Any] = {"num_classes": data.num_classes, "channels": data.channels}
-    encoded = precomputed(data.source)
-    if encoded.get("autoencoder"):
-        resolved["latent_autoencoder"] = encoded["autoencoder"]
-    if encoded.get("text_encoder"):
-        resolved.update(captions="source", text_encoder=encoded["text_encoder"])
+    if data.encoded.get("autoencoder"):
+        resolved["latent_autoencoder"] = data.encoded["autoencoder"]
+    if data.encoded.get("text_encoder"):
+        resolved.update(captions="source", text_encoder=data.encoded["text_encoder"])
     return config.replace(data=resolved, model={"options": options})
 
 

@@ -21,9 +21,11 @@ import os
 import sys
 import typing
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
+
+from flaxdiff.config import check_writable
 
 logger = logging.getLogger(__name__)
 
@@ -44,24 +46,23 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is invalid; accepted: an integer >= 1") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is invalid; accepted: an integer >= 1")
-    return value
+def _int_at_least(low: int, accepted: str) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``low``; anything else names the text and ``accepted``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{text!r} is invalid; accepted: {accepted}")
+        return value
+
+    return parse
 
 
-def _step(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is invalid; accepted: a checkpoint step (an integer >= 0)") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is invalid; accepted: a checkpoint step (an integer >= 0)")
-    return value
+_positive_int = _int_at_least(1, "an integer >= 1")
+_step = _int_at_least(0, "a checkpoint step (an integer >= 0)")
 
 
 def _finite(text: str) -> float:
@@ -173,35 +174,31 @@ def _check_output_file(path: str, overwrite: bool, suffix: str | None = None) ->
         raise CLIError(f"{out} is a directory; give a file path")
     if out.exists() and not overwrite:
         raise CLIError(f"{out} already exists; pass --overwrite to replace it")
-    _check_writable(out)
+    check_writable(out)
     return out
 
 
-def _check_writable(out: Path) -> None:
-    ancestor = out.absolute().parent
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
-        raise CLIError(f"{out} cannot be written ({ancestor} is not a writable directory)")
-    if out.exists() and not os.access(out, os.W_OK):
-        raise CLIError(f"{out} cannot be written (permission denied)")
-
-
-def _load(args: argparse.Namespace) -> Any:
-    """The run's Pipeline, with the sampling flags checked first (before the params are read)."""
+def _check_sampling_flags(args: argparse.Namespace) -> None:
+    """The sampling flags a run and a diffusers pipeline share, checked before anything is loaded."""
     from flaxdiff import samplers, timesteps
-    from flaxdiff.pipeline import Pipeline
 
     if args.steps is not None and args.steps < 1:
         raise CLIError(f"--steps {args.steps} is invalid; accepted: an integer >= 1")
-    if args.batch_size < 1:
-        raise CLIError(f"--batch-size {args.batch_size} is invalid; accepted: an integer >= 1")
     if args.guidance is not None and args.guidance < 0:
         raise CLIError(f"--guidance {args.guidance} is invalid; accepted: a finite number >= 0 (1: no guidance)")
     if args.sampler is not None and args.sampler not in samplers.available():
         raise CLIError(f"--sampler {args.sampler!r} is unknown; accepted: {', '.join(samplers.available())}")
     if args.grid is not None and args.grid not in timesteps.available():
         raise CLIError(f"--grid {args.grid!r} is unknown; accepted: {', '.join(timesteps.available())}")
+
+
+def _load(args: argparse.Namespace) -> Any:
+    """The run's Pipeline, with the sampling flags checked first (before the params are read)."""
+    from flaxdiff.pipeline import Pipeline
+
+    _check_sampling_flags(args)
+    if args.batch_size < 1:
+        raise CLIError(f"--batch-size {args.batch_size} is invalid; accepted: an integer >= 1")
     return Pipeline.from_pretrained(args.checkpoint_dir, step=args.step, ema=args.ema)
 
 
@@ -279,19 +276,11 @@ def cmd_sample(args: argparse.Namespace) -> dict[str, Any]:
 
 def _sample_diffusers(path: str, out: Path, args: argparse.Namespace) -> dict[str, Any]:
     """``flaxdiff sample --diffusers PATH --prompts ...``: one grid row per prompt (or DiT class)."""
-    from flaxdiff import samplers, timesteps
     from flaxdiff.interop.diffusers_pipeline import sample_grid
 
     if not (Path(path) / "model_index.json").is_file():
         raise CLIError(f"--diffusers {path}: no model_index.json (expected a diffusers pipeline directory)")
-    if args.steps is not None and args.steps < 1:
-        raise CLIError(f"--steps {args.steps} is invalid; accepted: an integer >= 1")
-    if args.guidance is not None and args.guidance < 0:
-        raise CLIError(f"--guidance {args.guidance} is invalid; accepted: a finite number >= 0 (1: no guidance)")
-    if args.sampler is not None and args.sampler not in samplers.available():
-        raise CLIError(f"--sampler {args.sampler!r} is unknown; accepted: {', '.join(samplers.available())}")
-    if args.grid is not None and args.grid not in timesteps.available():
-        raise CLIError(f"--grid {args.grid!r} is unknown; accepted: {', '.join(timesteps.available())}")
+    _check_sampling_flags(args)
     negative = args.negative_prompts
     if negative is not None and args.prompts is not None and len(negative) == 1:
         negative = negative * len(args.prompts)
@@ -321,7 +310,7 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
         Path(args.checkpoint_dir) / f"eval_step_{pipe.step}.json")
     if not args.out and out.exists() and not args.overwrite:
         raise CLIError(f"{out} already exists; pass --overwrite or --out")
-    _check_writable(out)
+    check_writable(out)
     grid = _check_output_file(args.grid_png, args.overwrite, ".png") if args.grid_png else None
     labels = np.repeat(np.arange(pipe.num_classes, dtype=np.int32), args.per_class)
     settings = _settings(pipe, args)
@@ -349,7 +338,7 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
         raise CLIError(f"{out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         raise CLIError(f"{out} is not empty; pass --overwrite to write into it")
-    _check_writable(out / "config.json")
+    check_writable(out / "config.json")
     path = interop.export_checkpoint(directory, out, step=args.step, ema=not args.no_ema)
     return {"out_dir": str(path), "files": sorted(p.name for p in Path(path).iterdir())}
 

@@ -46,6 +46,7 @@ __all__ = [
     "RUN_ONLY",
     "PATH_FIELDS",
     "read_config_file",
+    "check_writable",
     "guidance_or_none",
 ]
 
@@ -630,6 +631,20 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"--config {path}: expected a mapping of sections {sorted(SECTIONS)}, got "
                           f"{type(values).__name__}")
     return values
+
+
+def check_writable(path: str | Path, name: str = "") -> None:
+    """ConfigError unless ``path`` can be created or written: its nearest existing ancestor must be a writable
+    directory (and ``path`` itself writable, when it exists). ``name`` (e.g. "--workdir") prefixes the message."""
+    path = Path(path).expanduser().absolute()
+    shown = f"{name} {path}" if name else str(path)
+    ancestor = path.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ConfigError(f"{shown} cannot be written ({ancestor} is not a writable directory)")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ConfigError(f"{shown} cannot be written (permission denied)")
 
 
 def _reject_constant(name: str) -> Any:
