@@ -162,6 +162,15 @@ def resolve_config(argv: list[str] | None = None) -> tuple[RunConfig, argparse.N
             section, name = dotted.split(".", 1)
             values[section][name] = value
         config = RunConfig.from_dict(values).resolved_paths(Path.cwd())
+        if config.model.pretrained is not None:
+            # a pretrained diffusers denoiser: its architecture and diffusion come from its directory
+            given = sorted(key for key in ("model.name", "model.options") if key in flags)
+            if flags.get("model.pretrained") and given:
+                raise ConfigError(f"--model.pretrained and --{given[0]} conflict: the pretrained diffusers denoiser "
+                                  f"brings its own architecture; drop --{given[0]}")
+            from flaxdiff.interop import diffusers_finetune
+
+            config = diffusers_finetune.resolve_config(config)
     except ConfigError as err:
         parser.error(str(err))
     return config, invocation
@@ -427,6 +436,8 @@ def train_diffusion(config: RunConfig, workdir: Path, resume_step: int | None, o
         raise ConfigError(f"train.batch_size {config.train.batch_size} is not divisible by the {processes} "
                           f"processes")
     data = build_data(config, workdir, config.train.batch_size // processes)
+    if config.model.pretrained is not None:
+        return train_pretrained(config, workdir, resume_step, overwrite, data)
     config = resolve_run(config, data)
     try:
         model_cfg = models.get_config(config.model.name, **config.model.options)
@@ -466,6 +477,78 @@ def train_diffusion(config: RunConfig, workdir: Path, resume_step: int | None, o
     if preview is not None:
         params = trainer.state.ema_params if config.sample.ema else trainer.state.params
         images = np.asarray(jax.device_get(preview(params, None)))
+        if is_main:
+            path = save_image_grid(images, workdir / "samples.png", columns=max(config.sample.per_class, 1))
+            logger.info("wrote %s", path)
+    return workdir
+
+
+def train_pretrained(config: RunConfig, workdir: Path, resume_step: int | None, overwrite: bool, data: Data) -> Path:
+    """Fine-tune the U-Net / DiT of the diffusers pipeline ``model.pretrained`` (flaxdiff.interop.diffusers_finetune)
+    on a dataset encoded with its VAE (and text encoder): diffusers' training loss through the Trainer, starting
+    from the pretrained params; the preview grid is drawn by the pipeline with the fine-tuned params."""
+    import dataclasses as dc
+
+    import jax
+    import numpy as np
+
+    from flaxdiff import objectives
+    from flaxdiff.interop import diffusers_finetune
+    from flaxdiff.interop.diffusers_pipeline import DiffusersPipeline
+    from flaxdiff.training import Trainer, save_image_grid
+
+    pipe = DiffusersPipeline.from_pretrained(config.model.pretrained)
+    diffusers_finetune.check_data(pipe, data.encoded, data.example, data.num_classes, data.text)
+    parts = diffusers_finetune.finetune_parts(pipe)
+    resolved: dict[str, Any] = {"num_classes": data.num_classes, "channels": data.channels,
+                                "latent_autoencoder": data.encoded["autoencoder"]}
+    if data.encoded.get("text_encoder"):
+        resolved.update(captions="source", text_encoder=data.encoded["text_encoder"])
+    config = config.replace(data=resolved)
+    schedule, predictor, weighting, time_sampler = build_diffusion(config)
+    steps = total_steps(config, len(data.source))
+    is_main = jax.process_index() == 0
+    if overwrite and is_main and _checkpoint_dir(workdir).is_dir():
+        shutil.rmtree(_checkpoint_dir(workdir))
+    saved_config = config.relative_paths(workdir).to_dict()
+    train_config = dc.replace(build_train_config(config, steps, None), cond_drop_prob=config.diffusion.cond_drop_prob)
+    loss = objectives.DiffusionLoss(schedule, predictor, weighting, time_sampler,
+                                    cond_drop_prob=config.diffusion.cond_drop_prob, null_cond=parts["null_cond"])
+    trainer = Trainer(parts["model"], None, train_config=train_config, example_batch=data.example, loss=loss,
+                      workdir=workdir, run_config=saved_config)
+    preview = None
+    if config.sample.per_class > 0:
+        request: dict[str, Any] = {}
+        if pipe.kind == "dit":
+            request["labels"] = list(np.repeat(np.arange(min(data.num_classes, 10)), config.sample.per_class))
+        else:
+            from flaxdiff.data import captions
+
+            request["prompts"] = captions.preview_prompts(data.source, config.sample.per_class)
+        sample = config.sample
+        settings = dict(sampler=sample.sampler, steps=sample.steps, grid=sample.grid, guidance_scale=sample.guidance,
+                        guidance_interval=sample.guidance_interval, seed=config.train.seed)
+
+        def preview(params: Any, key: Any) -> Any:
+            return pipe.with_params(params).generate(**request, **settings) * 2.0 - 1.0
+
+        trainer.sample_fn = preview
+    if is_main:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / CONFIG_FILE).write_text(json.dumps(saved_config, indent=2) + "\n")
+        logger.info("fine-tuning the %s of %s: %s params; %d steps of global batch %d; workdir %s",
+                    "DiT" if pipe.kind == "dit" else "U-Net", config.model.pretrained,
+                    f"{sum(p.size for p in jax.tree.leaves(parts['params'])):,}", steps, config.train.batch_size,
+                    workdir)
+    if resume_step is not None:
+        trainer.restore(data.stream, step=resume_step)
+    else:
+        trainer.state = diffusers_finetune.initial_state(trainer, parts["params"])
+    trainer.fit(data.stream, val_data=data.val_data, resume=False)
+    trainer.close()
+    if preview is not None:
+        params = trainer.state.ema_params if config.sample.ema else trainer.state.params
+        images = np.asarray(preview(jax.device_get(params), None))
         if is_main:
             path = save_image_grid(images, workdir / "samples.png", columns=max(config.sample.per_class, 1))
             logger.info("wrote %s", path)

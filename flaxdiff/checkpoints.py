@@ -301,6 +301,10 @@ def load_run(path: str | Path, step: int | None = None, ema: bool | None = None)
     raw = read_config(ckpt_dir, step)
     if is_run_config(raw):
         config = read_run_config(ckpt_dir, step, run_dir)
+        if config.model.pretrained is not None:
+            raise ConfigError(f"{run_dir} fine-tunes the diffusers pipeline {config.model.pretrained}; sample it with "
+                              f"`flaxdiff sample {run_dir}` or export it with `flaxdiff export {run_dir} OUT` "
+                              f"(flaxdiff.interop.diffusers_finetune.load_finetuned)")
         sample = config.sample
         use_ema = sample.ema if ema is None else ema
         try:

@@ -252,6 +252,10 @@ def cmd_sample(args: argparse.Namespace) -> dict[str, Any]:
         raise CLIError("give a checkpoint directory (or --diffusers PATH)")
     if args.diffusers is not None or (Path(source) / "model_index.json").is_file():
         return _sample_diffusers(source, out, args)
+    from flaxdiff.interop import diffusers_finetune
+
+    if diffusers_finetune.is_finetune_run(source):
+        return _sample_finetuned(source, out, args)
     pipe = _load(args)
     prompts = None
     if pipe.text is not None and args.prompts is not None:
@@ -288,6 +292,27 @@ def _sample_diffusers(path: str, out: Path, args: argparse.Namespace) -> dict[st
                        steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler, grid=args.grid,
                        seed=args.seed, guidance_interval=args.guidance_interval, dtype=args.dtype,
                        negative_prompts=negative)
+
+
+def _sample_finetuned(path: str, out: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """``flaxdiff sample RUN`` of a run that fine-tuned a diffusers pipeline: the pipeline with the run's params,
+    the flags left out taken from the run's ``sample`` section."""
+    from flaxdiff.interop import diffusers_finetune
+    from flaxdiff.interop.diffusers_pipeline import sample_grid
+
+    _check_sampling_flags(args)
+    pipe = diffusers_finetune.load_finetuned(path, step=args.step, ema=args.ema, dtype=args.dtype)
+    sample = pipe.run.sample
+    negative = args.negative_prompts
+    if negative is not None and args.prompts is not None and len(negative) == 1:
+        negative = negative * len(args.prompts)
+    result = sample_grid(pipe, out, prompts=args.prompts, labels=args.classes, per_prompt=args.per_class or 1,
+                         steps=args.steps or sample.steps,
+                         guidance_scale=sample.guidance if args.guidance is None else args.guidance,
+                         sampler=args.sampler or sample.sampler, grid=args.grid or sample.grid, seed=args.seed,
+                         guidance_interval=args.guidance_interval if args.guidance_interval is not None
+                         else sample.guidance_interval, negative_prompts=negative)
+    return {**result, "step": pipe.step}
 
 
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
@@ -339,6 +364,12 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         raise CLIError(f"{out} is not empty; pass --overwrite to write into it")
     check_writable(out / "config.json")
+    from flaxdiff.interop import diffusers_finetune
+
+    if diffusers_finetune.is_finetune_run(directory):
+        # a fine-tuned diffusers denoiser goes back into a diffusers pipeline directory
+        path = diffusers_finetune.export_diffusers(directory, out, step=args.step, ema=False if args.no_ema else None)
+        return {"out_dir": str(path), "files": sorted(p.name for p in Path(path).iterdir())}
     path = interop.export_checkpoint(directory, out, step=args.step, ema=not args.no_ema)
     return {"out_dir": str(path), "files": sorted(p.name for p in Path(path).iterdir())}
 

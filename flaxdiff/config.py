@@ -61,6 +61,7 @@ OPTIMIZERS = ("adamw", "adam", "sgd")
 LR_DECAYS = ("cosine", "linear", "constant")
 TASKS = ("diffusion", "autoencoder", "reflow")
 CAPTIONS = ("mnist", "source")
+PRETRAINED_MODEL = "diffusers"  # model.name of a run fine-tuning model.pretrained
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -263,21 +264,42 @@ class DataConfig(_Section):
 @dataclasses.dataclass(frozen=True)
 class ModelConfig(_Section):
     """name: a model preset (flaxdiff.models.available()). options: overrides of the preset's config fields
-    (in_channels, num_classes, text dims and input_size are filled in from the data when absent)."""
+    (in_channels, num_classes, text dims and input_size are filled in from the data when absent).
+    pretrained: a diffusers pipeline directory (StableDiffusionPipeline or DiTPipeline) whose U-Net / DiT is
+    fine-tuned (docs/diffusers.md); name and options are then the pipeline's (stored as "diffusers", {})."""
 
     name: str = "unet-small"
     options: dict = dataclasses.field(default_factory=lambda: {
         "patch_size": 2, "base_channels": 64, "channel_mult": [1, 2], "num_res_blocks": 1,
         "attention_levels": [1], "num_heads": 4, "norm_num_groups": 8})
+    pretrained: str | None = None
 
     section: typing.ClassVar[str] = "model"
 
     def _check(self) -> None:
+        self._set("pretrained", _check_str("model.pretrained", self.pretrained, optional=True))
+        if self.pretrained is not None:
+            self._check_pretrained()
+            return
         self._set("name", _check_registry("model.name", self.name, "model"))
         if self.name in ("autoencoder", "autoencoder-tiny", "text_encoder", "text_encoder-tiny"):
             raise _fail("model.name", self.name, "a diffusion model preset (a unet or DiT preset)")
         self._set("options", _check_options("model.options", self.options))
         _check_model_options(self.name, self.options)
+
+    def _check_pretrained(self) -> None:
+        """A pretrained denoiser brings its architecture: name / options must be unset (the defaults) or the
+        stored ("diffusers", {})."""
+        defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                    for f in dataclasses.fields(self)}
+        if self.name not in (defaults["name"], PRETRAINED_MODEL):
+            raise ConfigError(f"model.pretrained and model.name {self.name!r} conflict: the pretrained diffusers "
+                              f"denoiser brings its own architecture; leave model.name unset")
+        if self.options not in (defaults["options"], {}):
+            raise ConfigError("model.pretrained and model.options conflict: the pretrained diffusers denoiser brings "
+                              "its own architecture; leave model.options unset")
+        self._set("name", PRETRAINED_MODEL)
+        self._set("options", {})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -460,7 +482,8 @@ RUN_ONLY = frozenset({
 } | {f"sample.{field.name}" for field in dataclasses.fields(SampleConfig)})
 
 # Settings holding file-system paths (when they are not a preset name): stored relative to the run directory.
-PATH_FIELDS = ("data.dataset", "data.data_dir", "data.latent_autoencoder", "data.text_encoder", "task.reflow_from")
+PATH_FIELDS = ("data.dataset", "data.data_dir", "data.latent_autoencoder", "data.text_encoder", "task.reflow_from",
+               "model.pretrained")
 
 # Short flags users type -> the one setting they set.
 ALIASES: dict[str, str] = {
@@ -472,7 +495,7 @@ ALIASES: dict[str, str] = {
     "task": "task.name", "autoencoder-model": "task.autoencoder_model", "kl-weight": "task.kl_weight",
     "reflow-from": "task.reflow_from", "reflow-pairs": "task.reflow_pairs", "reflow-sampler": "task.reflow_sampler",
     "reflow-steps": "task.reflow_steps", "reflow-guidance": "task.reflow_guidance",
-    "model": "model.name", "model-config": "model.options",
+    "model": "model.name", "model-config": "model.options", "pretrained": "model.pretrained",
     "schedule": "diffusion.schedule", "schedule-options": "diffusion.schedule_options", "shift": "diffusion.shift",
     "predictor": "diffusion.predictor", "predictor-options": "diffusion.predictor_options",
     "weighting": "diffusion.weighting", "weighting-options": "diffusion.weighting_options",

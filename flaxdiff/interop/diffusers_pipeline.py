@@ -89,6 +89,21 @@ class DiffusersPipeline:
             self.params = jax.device_put(params, replicated(mesh))
         self._denoisers: dict[tuple, Any] = {}
         self._decode = jax.jit(functools.partial(vae.apply, method=AutoencoderKL.decode))
+        # set by flaxdiff.interop.diffusers_finetune.load_finetuned: the fine-tuning run's config and step
+        self.run: Any = None
+        self.step: int | None = None
+
+    def with_params(self, params: Any) -> DiffusersPipeline:
+        """The same pipeline with other denoiser params (e.g. fine-tuned ones; same tree as ``self.params``),
+        replicated over the mesh; compiled samplers are shared."""
+        clone = object.__new__(DiffusersPipeline)
+        clone.__dict__.update(self.__dict__)
+        if self.mesh is not None:
+            from flaxdiff.training.parallel import replicated
+
+            params = jax.device_put(params, replicated(self.mesh))
+        clone.params = params
+        return clone
 
     # -- loading ---------------------------------------------------------------------------------------------------
 
