@@ -20,6 +20,7 @@ def _sampler_cases(kind):
 
 DETERMINISTIC = _sampler_cases("deterministic")
 STOCHASTIC = _sampler_cases("stochastic")
+LOW_BUDGET = _sampler_cases("low_budget")
 
 
 def _case_id(case):
@@ -242,6 +243,51 @@ def test_nfe_equals_counted_denoiser_calls(name):
         assert int(nfe) == samplers.get(name).nfe_per_step * 4 + 1
 
 
+@pytest.mark.parametrize("name, options", LOW_BUDGET, ids=map(_case_id, LOW_BUDGET))
+def test_low_budget_forms_count_their_evaluations(x64, name, options):
+    """Every declared low-budget form: the counted denoiser calls equal the returned NFE, and the analytical first
+    step calls the network at none of the first level s_0, i.e. N - 1 calls on a grid of N intervals."""
+    levels = []
+
+    def counting(x, sigma):
+        jax.debug.callback(lambda s: levels.append(float(s[0])), sigma)
+        return exact_denoiser(x, sigma)
+
+    grid = timesteps.karras(5, 0.01, 80.0)
+    x, nfe = samplers.sample(counting, jnp.ones((2, 3)), sampler=name, grid=grid, **options)
+    jax.block_until_ready(x)
+    jax.effects_barrier()
+    assert len(levels) == int(nfe) == samplers.get(name).nfe_per_step * 4
+    assert sorted(levels, reverse=True) == pytest.approx(list(grid[1:-1]))
+
+
+@pytest.mark.parametrize("name", [name for name, options in LOW_BUDGET if options == {"analytic_first_step": True}])
+def test_analytic_first_step_is_the_large_noise_limit(x64, name):
+    """The analytical first step replaces D(x, s_0) by its large-noise limit 0 and changes nothing else: with a
+    denoiser that is exactly 0 above s = 50 (and the centred Gaussian's posterior mean below), the run with it equals
+    the plain run to rounding (karras grid, solver order 4: every warm-up order), with one evaluation fewer; on the
+    8-Gaussian ring at 5 NFE on time_quadratic (plain: 5 intervals; analytic first step: 6) its error is lower."""
+    def cut_denoiser(x, sigma):
+        return jnp.where(sigma[:, None] > 50.0, 0.0, S0**2 / (S0**2 + sigma[:, None] ** 2) * x)
+
+    start = jax.random.normal(jax.random.PRNGKey(3), (8, 3), jnp.float64)
+    grid = timesteps.karras(7, 0.01, 80.0)
+    plain, nfe_plain = samplers.sample(cut_denoiser, start, sampler=name, grid=grid, solver_order=4)
+    analytic, nfe = samplers.sample(cut_denoiser, start, sampler=name, grid=grid, solver_order=4,
+                                    analytic_first_step=True)
+    assert int(nfe) == int(nfe_plain) - 1
+    np.testing.assert_allclose(np.asarray(analytic), np.asarray(plain), rtol=0, atol=1e-12)
+    ring_start = jax.random.normal(jax.random.PRNGKey(0), (256, 2), jnp.float64)
+    reference, _ = samplers.sample(_ring_denoiser, ring_start, sampler="rk4", grid=timesteps.karras(200, 0.002, 80.0))
+    errors = []
+    for steps, options in ((5, {}), (6, {"analytic_first_step": True})):
+        x, nfe = samplers.sample(_ring_denoiser, ring_start, sampler=name, steps=steps, grid="time_quadratic",
+                                 sigma_min=0.002, sigma_max=80.0, **options)
+        assert int(nfe) == 5
+        errors.append(float(jnp.sqrt(jnp.mean((x - reference) ** 2))))
+    assert errors[1] < 0.8 * errors[0], errors
+
+
 def test_sampling_compiles_once_per_shape():
     traces = []
 
@@ -353,6 +399,9 @@ def test_unipc_matches_diffusers(x64, solver_order, variant, steps, final):
 
 THIRD_ORDER_MULTISTEP = [name for name in samplers.available() if isinstance(samplers.get(name), Multistep)
                          and samplers.get(name, **samplers.get(name).deterministic_options[0]).solver_order >= 3]
+# Their first deterministic form and every declared low-budget form.
+THIRD_ORDER_CASES = [(name, options) for name in THIRD_ORDER_MULTISTEP
+                     for options in samplers.get(name).deterministic_options[:1] + samplers.get(name).low_budget_options]
 
 
 def _ring_denoiser(x, sigma):
@@ -366,10 +415,10 @@ def _ring_denoiser(x, sigma):
 
 
 def test_third_order_multistep_samplers_are_stable_on_every_grid(noise):
-    """Every third-order multistep sampler (solver_order >= 3 in its first deterministic form) on every registered
-    grid at NFE 5, 6, 8, 10, 20 on a 2-D ring of 8 Gaussians: endpoint RMS error against the converged ODE solution
-    (RK4 on 400 log-spaced levels to the same last level) at most twice that of the first-order step (Euler = DDIM)
-    on the same grid. With the lower final order but without the extrapolation guard UniPC reached 7x
+    """Every third-order multistep sampler (solver_order >= 3 in its first deterministic form, and its low-budget
+    forms) on every registered grid of 5, 6, 8, 10, 20 intervals on a 2-D ring of 8 Gaussians: endpoint RMS error
+    against the converged ODE solution (RK4 on 400 log-spaced levels to the same last level) at most twice that of
+    the first-order step (Euler = DDIM) on the same grid. With the lower final order but without the extrapolation guard UniPC reached 7x
     and DPM-Solver++(3M) 12x Euler's error here (flow_shift, NFE 8)."""
     start = noise[:256]
     ratios = {}
@@ -380,11 +429,12 @@ def test_third_order_multistep_samplers_are_stable_on_every_grid(noise):
             reference, _ = samplers.sample(_ring_denoiser, start, sampler="rk4", grid=fine)
             euler, _ = samplers.sample(_ring_denoiser, start, sampler="euler", grid=grid)
             euler_error = float(jnp.sqrt(jnp.mean((euler - reference) ** 2)))
-            for name in THIRD_ORDER_MULTISTEP:
-                options = samplers.get(name).deterministic_options[0]
+            for name, options in THIRD_ORDER_CASES:
                 x, _ = samplers.sample(_ring_denoiser, start, sampler=name, grid=grid, **options)
-                ratios[name, grid_name, nfe] = float(jnp.sqrt(jnp.mean((x - reference) ** 2))) / euler_error
-    assert {name for name, _, _ in ratios} >= {"unipc", "dpmpp_3m_sde", "ipndm", "lms"}
+                ratios[_case_id((name, options)), grid_name, nfe] = (float(jnp.sqrt(jnp.mean((x - reference) ** 2)))
+                                                                     / euler_error)
+    assert {name for name, _, _ in ratios} >= {"unipc", "dpmpp_3m_sde-eta=0.0", "ipndm", "lms",
+                                               "ipndm-analytic_first_step=True"}
     assert max(ratios.values()) <= 2.0, sorted(ratios.items(), key=lambda item: -item[1])[:5]
 
 

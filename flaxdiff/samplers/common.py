@@ -63,7 +63,10 @@ class Sampler:
       empty when the sampler always draws noise (then its weak order is measured);
     * ``stochastic_options``: option sets that make it draw noise, each checked against the exact moments;
     * ``accuracy_sweep``: for samplers that choose their own steps, option sets of rising accuracy over which the
-      battery measures ``order`` as the slope of error against NFE (empty: the battery refines the grid).
+      battery measures ``order`` as the slope of error against NFE (empty: the battery refines the grid);
+    * ``low_budget_options``: deterministic option sets for low NFE that give up the asymptotic ``order`` for fewer
+      evaluations (the analytical first step of ``ipndm`` / ``lms``); the battery counts their NFE and checks their
+      stability on every grid, and the benchmark measures them next to ``deterministic_options``.
     """
 
     name: ClassVar[str] = ""
@@ -72,6 +75,7 @@ class Sampler:
     deterministic_options: ClassVar[tuple[dict[str, Any], ...]] = ({},)
     stochastic_options: ClassVar[tuple[dict[str, Any], ...]] = ()
     accuracy_sweep: ClassVar[tuple[dict[str, Any], ...]] = ()
+    low_budget_options: ClassVar[tuple[dict[str, Any], ...]] = ()
 
     @property
     def stochastic(self) -> bool:
