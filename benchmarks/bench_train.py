@@ -1,17 +1,21 @@
-"""Train-step throughput and model-FLOPs utilisation of the DiffusionTrainer on this machine.
+"""Train-step throughput of the DiffusionTrainer against FlaxDiff 0.2.11's, side by side, and the kernel ceiling.
 
+    images/s = batch / median step time;   ratio = ours images/s / FlaxDiff 0.2.11 images/s at matched parameters
     MFU = (XLA cost-analysis FLOPs of one jitted train step / measured step time) / peak,
-    peak = FLOP/s of a jitted float32 (n x n) @ (n x n) matmul measured in the same run (2 n^3 FLOPs per call).
+    peak = FLOP/s of a jitted float32 (n x n) @ (n x n) matmul measured in the same run (2 n^3 FLOPs per call),
+    fraction of the kernel ceiling = (time of the step's convolutions and matmuls alone, ``bench_kernels.ceiling``)
+                                     / measured step time   (1 = nothing but the heavy kernels costs time)
 
-Models: a small U-Net (9.59M params at 32x32x3, within 3% of the 9.31M of FlaxDiff's
-Unet(feature_depths=(64, 128, 256), num_res_blocks=2, emb_features=256)), a tiny U-Net (0.43M params, within 2% of
-FlaxDiff's tiny config in benchmarks/flaxdiff_peer.py) and a DiT-S/2-sized transformer. With ``--peer-venv`` (or
-FLAXDIFF_PEER_VENV) the same measurement runs, in the same run, on FlaxDiff 0.2.11's own jitted train step
-(``DiffusionTrainer._define_train_step``: cosine schedule, epsilon loss, Adam, EMA) for its Unet at both configs,
-in a subprocess of the peer venv; its MFU uses the matmul peak measured here. Usage:
+Models and their peers (parameter counts within 5%): a small U-Net (9.59M params at 32x32x3, 3% above the 9.31M of
+FlaxDiff's Unet(feature_depths=(64, 128, 256), num_res_blocks=2, emb_features=256), peer config "medium"), a tiny
+U-Net (0.43M, peer "tiny") and DiT-S/2 on 32x32x4 (32.9M, peer "dit-s2": FlaxDiff's SimpleDiT with patch 2, width
+384, 6 heads, 11 blocks, 33.0M). With ``--peer-venv`` (or FLAXDIFF_PEER_VENV) each of our models is followed, in the
+same run, by FlaxDiff 0.2.11's own jitted train step (``DiffusionTrainer._define_train_step``: cosine schedule,
+epsilon loss, Adam, EMA) on its peer, in a subprocess of the peer venv; its MFU uses the matmul peak measured here.
+Usage:
 
     python benchmarks/bench_train.py [--models unet,unet-tiny,dit] [--batch 32] [--steps 5] [--json out.json] \
-        [--peer-venv $PEER_VENV] [--peer-configs medium,tiny]
+        [--peer-venv $PEER_VENV] [--no-ceiling]
 """
 from __future__ import annotations
 
@@ -39,6 +43,8 @@ MODELS = {
                            "attention_levels": (1,), "num_heads": 4, "norm_num_groups": 8}, (32, 32, 3)),
     "dit": ("DiT-S/2", {"input_size": 32, "in_channels": 4, "learn_sigma": False}, (32, 32, 4)),
 }
+# the FlaxDiff 0.2.11 config (benchmarks/flaxdiff_peer.py) each of our models is compared with
+PEER_OF = {"unet": "medium", "unet-tiny": "tiny", "dit": "dit-s2"}
 
 
 def matmul_peak(size: int = 2048, repeats: int = 10) -> float:
@@ -89,9 +95,35 @@ def load() -> str:
 
 
 def print_row(name: str, row: dict) -> None:
-    print(f"{name:24s} {row['params'] / 1e6:7.2f}M params  batch {row['batch']}  {row['step_time_s']:.3f} s/step  "
+    print(f"{name:28s} {row['params'] / 1e6:7.2f}M params  batch {row['batch']}  {row['step_time_s']:.3f} s/step  "
           f"{row['images_per_s']:7.1f} images/s  {row['train_gflop_per_image']:6.2f} train GFLOP/image  "
           f"{row['achieved_gflops']:6.1f} GFLOP/s  MFU {row['mfu']:.2f}  (load {row['load_avg'][0]:.2f})", flush=True)
+
+
+def add_ceiling(row: dict, batch: int, repeats: int, peak: float) -> None:
+    """Time the model's convolutions and matmuls alone (bench_kernels) and the fraction of that ceiling reached."""
+    import bench_kernels
+
+    kernels = bench_kernels.ceiling(row["model"], batch, repeats)
+    row["kernel_ceiling"] = {"seconds": kernels["seconds"], "gflop": kernels["gflop"], "gflops": kernels["gflops"],
+                             "ceiling_mfu": kernels["gflops"] * 1e9 / peak, "ops": kernels["ops"],
+                             "distinct_ops": kernels["distinct_ops"]}
+    row["fraction_of_ceiling"] = kernels["seconds"] / row["step_time_s"]
+    row["mfu_fraction_of_ceiling"] = row["mfu"] / row["kernel_ceiling"]["ceiling_mfu"]
+    print(f"{'':28s} kernel ceiling: its {kernels['ops']} convolutions/matmuls alone take {kernels['seconds']:.3f} s "
+          f"(ceiling MFU {row['kernel_ceiling']['ceiling_mfu']:.2f}) -> the step reaches "
+          f"{row['fraction_of_ceiling']:.2f} of the ceiling by time, {row['mfu_fraction_of_ceiling']:.2f} by MFU "
+          f"(goal >= 0.9; load {os.getloadavg()[0]:.2f})", flush=True)
+
+
+def compare(ours: dict, peer: dict) -> dict:
+    """The side-by-side numbers of one pair: parameter gap, images/s ratio."""
+    gap = ours["params"] / peer["params"] - 1.0
+    ratio = ours["images_per_s"] / peer["images_per_s"]
+    print(f"{'':28s} ours / FlaxDiff 0.2.11: params {ours['params'] / 1e6:.2f}M vs {peer['params'] / 1e6:.2f}M "
+          f"({gap:+.1%}, within 5%: {'yes' if abs(gap) <= 0.05 else 'NO'}), images/s {ours['images_per_s']:.2f} vs "
+          f"{peer['images_per_s']:.2f}: ratio {ratio:.3f} (goal >= 1.15)", flush=True)
+    return {"model": ours["model"], "peer": peer["model"], "param_gap": gap, "images_per_s_ratio": ratio}
 
 
 def main() -> None:
@@ -102,8 +134,19 @@ def main() -> None:
     parser.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--json", default=None)
     parser.add_argument("--peer-venv", default=None, help="venv with flaxdiff==0.2.11 (or FLAXDIFF_PEER_VENV)")
-    parser.add_argument("--peer-configs", default="medium,tiny")
+    parser.add_argument("--peer-configs", default=None,
+                        help=f"peer configs to run (default: the peers of --models, {PEER_OF})")
+    parser.add_argument("--no-ceiling", action="store_true", help="skip the kernel-ceiling measurement")
+    parser.add_argument("--ceiling-repeats", type=int, default=3)
     args = parser.parse_args()
+    names = args.models.split(",")
+    unknown = [m for m in names if m not in MODELS]
+    if unknown:
+        parser.error(f"unknown model(s) {unknown}; choose from {sorted(MODELS)}")
+    peer_configs = args.peer_configs.split(",") if args.peer_configs else [PEER_OF[m] for m in names]
+    unknown = [c for c in peer_configs if c not in flaxdiff_peer.PEER_MODELS]
+    if unknown:
+        parser.error(f"unknown peer config(s) {unknown}; choose from {flaxdiff_peer.PEER_MODELS}")
     import flax
 
     print(f"environment: python {platform.python_version()}, jax {jax.__version__}, flax {flax.__version__}, "
@@ -112,22 +155,34 @@ def main() -> None:
     peak = matmul_peak()
     print(f"jitted float32 matmul peak: {peak / 1e9:.1f} GFLOP/s on {jax.device_count()} "
           f"{jax.devices()[0].platform} device(s)", flush=True)
-    results = []
-    for name in args.models.split(","):
+
+    def run_peer(config: str) -> dict:
+        size, channels = (32, flaxdiff_peer.PEER_DITS[config]["channels"]) if config in flaxdiff_peer.PEER_DITS \
+            else (32, 3)
+        row = flaxdiff_peer.run_peer(peer_python, "train", {"config": config, "batch": args.batch, "size": size,
+                                                            "repeats": args.steps})
+        row["mfu"] = row["achieved_gflops"] * 1e9 / peak
+        row["load_avg"] = list(os.getloadavg())
+        print_row(row["model"], row)
+        return row
+
+    results, peers, pairs = [], [], []
+    pending = list(peer_configs)
+    for name in names:
         row = bench_model(name, args.batch, args.steps, args.compute_dtype)
         row["mfu"] = row["achieved_gflops"] * 1e9 / peak
         row["load_avg"] = list(os.getloadavg())
         results.append(row)
         print_row(name, row)
-    peers = []
+        if not args.no_ceiling:
+            add_ceiling(row, args.batch, args.ceiling_repeats, peak)
+        if peer_python is not None and PEER_OF[name] in pending:
+            pending.remove(PEER_OF[name])
+            peers.append(run_peer(PEER_OF[name]))
+            pairs.append(compare(row, peers[-1]))
     if peer_python is not None:
-        for config in args.peer_configs.split(","):
-            row = flaxdiff_peer.run_peer(peer_python, "train", {"config": config, "batch": args.batch,
-                                                                "size": 32, "repeats": args.steps})
-            row["mfu"] = row["achieved_gflops"] * 1e9 / peak
-            row["load_avg"] = list(os.getloadavg())
-            peers.append(row)
-            print_row(row["model"], row)
+        for config in pending:
+            peers.append(run_peer(config))
     peak_end = matmul_peak()
     print(f"jitted float32 matmul peak re-measured at the end: {peak_end / 1e9:.1f} GFLOP/s (load {load()})",
           flush=True)
@@ -135,7 +190,7 @@ def main() -> None:
         with open(args.json, "w", encoding="utf-8") as handle:
             json.dump({"matmul_peak_gflops": peak / 1e9, "matmul_peak_end_gflops": peak_end / 1e9,
                        "cpu_count": os.cpu_count(), "jax": jax.__version__, "flax": flax.__version__,
-                       "results": results, "flaxdiff_0_2_11": peers}, handle, indent=2)
+                       "results": results, "flaxdiff_0_2_11": peers, "pairs": pairs}, handle, indent=2)
 
 
 if __name__ == "__main__":
