@@ -27,7 +27,7 @@ def _builder():
 
 def test_every_source_has_its_notebook():
     sources = sorted(path.stem for path in (NOTEBOOK_DIR / "src").glob("*.py"))
-    assert len(sources) == 6
+    assert len(sources) == 7
     assert [path.stem for path in NOTEBOOKS] == sources
 
 
