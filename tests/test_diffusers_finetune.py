@@ -237,6 +237,7 @@ def test_bad_input_is_one_line(sd_dir, tmp_path, capsys):
         (["--pretrained", str(sd_dir), "--model", "dit-s"], "model.pretrained and model.name 'dit-s' conflict"),
         (["--pretrained", str(sd_dir), "--model-config", "{}"], "--model.pretrained and --model.options conflict"),
         (["--pretrained", str(sd_dir), "--schedule", "cosine"], "diffusion.schedule 'cosine' conflicts"),
+        (["--pretrained", str(sd_dir), "--task", "autoencoder"], "task.name 'autoencoder' does not take it"),
         (["--pretrained", str(sd_dir), "--dataset", "digits"], "needs a dataset of latents encoded with the "
                                                                "pipeline's VAE"),
     ]

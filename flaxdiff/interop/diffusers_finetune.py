@@ -138,6 +138,9 @@ def resolve_config(config: RunConfig) -> RunConfig:
     and that no diffusion setting was given that contradicts the pipeline. Other runs are returned unchanged."""
     if config.model.pretrained is None:
         return config
+    if config.task.name != "diffusion":
+        raise ConfigError(f"model.pretrained fine-tunes a diffusion denoiser; task.name {config.task.name!r} does not "
+                          f"take it (accepted: diffusion)")
     info = read_pretrained(config.model.pretrained)
     wanted = diffusion_settings(info.scheduler)
     defaults = DiffusionConfig().to_dict()

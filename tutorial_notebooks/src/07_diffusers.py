@@ -14,6 +14,8 @@
 # **Fast mode:** `FLAXDIFF_TUTORIAL_FAST=1` (fewer sampling and training steps).
 
 # %%
+import contextlib
+import io
 import json
 import sys
 import tempfile
@@ -78,6 +80,7 @@ scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end
 reference = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                     scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                     requires_safety_checker=False)
+reference.set_progress_bar_config(disable=True)
 sd_dir = work / "tiny-sd"
 reference.save_pretrained(sd_dir)
 print(sorted(p.name for p in sd_dir.iterdir()))
@@ -125,7 +128,7 @@ for (sampler, grid, steps), latents in results.items():
 # %%
 panels = {f"{sampler} / {grid}, {steps} steps": pipe.decode(latents) * 2 - 1
           for (sampler, grid, steps), latents in results.items() if steps == step_counts[0]}
-show_grids(panels, columns=4, width=2.4)
+show_grids(panels, columns=2, width=2.4)
 
 # %% [markdown]
 # ## The same numbers as diffusers
@@ -175,18 +178,21 @@ for i in range(16):
     name = list(colours)[i % 4]
     Image.new("RGB", (16, 16), colours[name]).save(work / "images" / f"img{i}.png")
     (work / "images" / f"img{i}.txt").write_text(f"a {name} image")
-# `flaxdiff data encode IMAGES OUT --autoencoder SD/vae --text-encoder SD/text_encoder`
-cli.main(["data", "encode", str(work / "images"), str(work / "encoded"), "--autoencoder", str(sd_dir / "vae"),
-          "--text-encoder", str(sd_dir / "text_encoder"), "--text-dtype", "float32", "--no-progress"])
+# `flaxdiff data encode IMAGES OUT --autoencoder SD/vae --text-encoder SD/text_encoder` (its JSON report kept quiet)
+with contextlib.redirect_stdout(io.StringIO()):
+    assert cli.main(["data", "encode", str(work / "images"), str(work / "encoded"), "--autoencoder",
+                     str(sd_dir / "vae"), "--text-encoder", str(sd_dir / "text_encoder"), "--text-dtype", "float32",
+                     "--no-progress"]) == 0
+print(json.loads((work / "encoded" / "manifest.json").read_text())["latent_shape"], "latents per image")
 
 # %%
 sys.path.insert(0, str(Path.cwd().parent))        # training.py lives at the repository root
 import training  # noqa: E402
 
-train_steps = pick(60, 4)
+train_steps = pick(200, 4)
 # the command line: python training.py --pretrained SD --dataset OUT --image-size 16 --steps N ...
 argv = ["--pretrained", str(sd_dir), "--dataset", str(work / "encoded"), "--image-size", "16",
-        "--batch-size", "8", "--steps", str(train_steps), "--lr", "1e-3", "--warmup-steps", "0",
+        "--batch-size", "8", "--steps", str(train_steps), "--lr", "2e-3", "--warmup-steps", "0",
         "--lr-decay", "constant", "--ema-decay", "0", "--log-every", "1", "--checkpoint-every", str(train_steps),
         "--per-class", "0", "--workdir", str(work / "run")]
 assert training.main(argv) == 0
@@ -194,7 +200,8 @@ rows = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text(
 loss = [row["train/loss"] for row in rows if "train/loss" in row]
 print("run config diffusion section:", json.loads((work / "run" / "config.json").read_text())["diffusion"])
 plt.figure(figsize=(4, 2.2))
-plt.plot(loss)
+plt.plot(loss, lw=0.5)
+plt.plot(np.convolve(loss, np.ones(10) / 10, mode="valid"))
 plt.xlabel("step")
 plt.ylabel("loss (diffusers' training loss)")
 plt.show()
@@ -205,20 +212,29 @@ plt.show()
 # `flaxdiff sample RUN --prompts ...` draws from the pipeline with the run's params;
 # `flaxdiff export RUN OUT` writes a diffusers directory (the original VAE, text encoder, tokenizer and scheduler,
 # the fine-tuned U-Net as safetensors) that diffusers' `from_pretrained` loads, and that gives the same images.
+#
+# The VAE is random too, so a flat colour does not come back flat: what fine-tuning should reproduce is the
+# training latents decoded by this VAE (left), not the original images.
 
 # %%
+from flaxdiff.data.arrayrecord import ArrayRecordSource
 from flaxdiff.interop import diffusers_finetune
 
 tuned = diffusers_finetune.load_finetuned(work / "run")
 test_prompts = ["a red image", "a blue image", "a green image", "a yellow image"]
 settings = dict(steps=20, guidance_scale=3.0, seeds=seeds)
-show_grids({"pretrained (random)": pipe.generate(test_prompts, **settings) * 2 - 1,
+encoded = ArrayRecordSource(work / "encoded")        # stores (z + 1) / 2 of the scaled latents z
+data_latents = np.stack([2.0 * encoded[i]["image"] - 1.0 for i in range(4)])
+show_grids({"training latents, decoded": pipe.decode(data_latents) * 2 - 1,
+            "pretrained (random)": pipe.generate(test_prompts, **settings) * 2 - 1,
             f"after {train_steps} fine-tuning steps": tuned.generate(test_prompts, **settings) * 2 - 1},
-           columns=4, width=2.6)
+           columns=4, width=3.0)
 
-cli.main(["export", str(work / "run"), str(work / "tiny-sd-finetuned")])
+with contextlib.redirect_stdout(io.StringIO()):
+    assert cli.main(["export", str(work / "run"), str(work / "tiny-sd-finetuned")]) == 0
 exported = StableDiffusionPipeline.from_pretrained(work / "tiny-sd-finetuned", safety_checker=None,
                                                    requires_safety_checker=False)
+exported.set_progress_bar_config(disable=True)
 with torch.no_grad():
     theirs = exported(test_prompts, num_inference_steps=steps, guidance_scale=3.0,
                       latents=torch.from_numpy(latents), output_type="np").images
