@@ -41,7 +41,9 @@ work = Path(tempfile.mkdtemp(prefix="flaxdiff_07_"))
 # The same classes as SD 1.5 at toy width: a CLIP text encoder (2 layers, width 32) with a byte-level tokenizer,
 # a `UNet2DConditionModel` with cross-attention (one level of 16 channels), the KL `AutoencoderKL` (downsampling by 2) and
 # SD's `DDIMScheduler` configuration (`scaled_linear` betas 0.00085 .. 0.012, epsilon prediction, leading
-# spacing with `steps_offset=1`). Weights are perturbed away from their init so that every layer matters.
+# spacing with `steps_offset=1`). Weights are perturbed away from their init so that every layer matters. The VAE's
+# `scaling_factor` is set to 1 / std of the latents of the images we fine-tune on below (flat colours), the way
+# SD's 0.18215 was measured (notebook 05), so that the diffusion sees unit-scale data.
 
 # %%
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -77,6 +79,12 @@ vae = perturbed(AutoencoderKL(
     layers_per_block=1, sample_size=16))
 scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                           beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+colours = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 180, 60), "yellow": (230, 210, 30)}
+flat = np.stack([np.broadcast_to((np.asarray(rgb, np.float32) / 127.5 - 1)[:, None, None], (3, 16, 16))
+                 for rgb in colours.values()])
+with torch.no_grad():
+    latent_std = float(vae.encode(torch.from_numpy(flat)).latent_dist.mean.std())
+vae.register_to_config(scaling_factor=1.0 / latent_std)
 reference = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                     scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                     requires_safety_checker=False)
@@ -172,7 +180,6 @@ from PIL import Image
 
 from flaxdiff import cli
 
-colours = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 180, 60), "yellow": (230, 210, 30)}
 (work / "images").mkdir()
 for i in range(16):
     name = list(colours)[i % 4]
@@ -214,7 +221,8 @@ plt.show()
 # the fine-tuned U-Net as safetensors) that diffusers' `from_pretrained` loads, and that gives the same images.
 #
 # The VAE is random too, so a flat colour does not come back flat: what fine-tuning should reproduce is the
-# training latents decoded by this VAE (left), not the original images.
+# training latents decoded by this VAE (left), not the original images. A few hundred CPU steps move the
+# samples only part of the way; the per-noise-level error of the prediction $\hat x_0$ shows what was learnt.
 
 # %%
 from flaxdiff.data.arrayrecord import ArrayRecordSource
@@ -240,3 +248,23 @@ with torch.no_grad():
                       latents=torch.from_numpy(latents), output_type="np").images
 ours = tuned.generate(test_prompts, steps=steps, guidance_scale=3.0, latents=latents.transpose(0, 2, 3, 1))
 print(f"exported fine-tuned pipeline in diffusers vs flaxdiff: max abs difference {np.abs(ours - theirs).max():.2e}")
+
+# %%
+# the error of x0_hat = (x_t - sqrt(1 - alpha_bar_k) eps_hat) / sqrt(alpha_bar_k) on the training latents, per timestep
+captions = [encoded[i]["caption"] for i in range(4)]
+alpha_bar = pipe.scheduler.alphas_cumprod()
+noise = np.random.RandomState(0).randn(*data_latents.shape).astype(np.float32)
+levels = [20, 100, 250, 500, 750, 900, 980]
+plt.figure(figsize=(4, 2.2))
+for label, model in (("pretrained", pipe), ("fine-tuned", tuned)):
+    cond = model.encode_prompts(captions, 16, 16)
+    errors = []
+    for k in levels:
+        x_t = np.sqrt(alpha_bar[k]) * data_latents + np.sqrt(1 - alpha_bar[k]) * noise
+        eps_hat = np.asarray(model.denoiser.apply({"params": model.params}, x_t, np.full((4,), k, np.float32), cond))
+        errors.append(np.abs((x_t - np.sqrt(1 - alpha_bar[k]) * eps_hat) / np.sqrt(alpha_bar[k]) - data_latents).mean())
+    plt.semilogy(levels, errors, "o-", label=label)
+plt.xlabel("timestep k")
+plt.ylabel("mean |x0_hat - z|")
+plt.legend()
+plt.show()
