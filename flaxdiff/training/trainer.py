@@ -288,7 +288,7 @@ class Trainer:
 
         # A skipped (non-finite) step keeps the old trees. lax.cond instead of a per-leaf where(finite, new, old):
         # the update runs as one fused pass per leaf with no select over params, moments and EMA (bitwise the
-        # same result; the update alone went from 204 to 138 ms on the 9.6M U-Net, benchmarks/bench_train.py).
+        # same result; the update alone went from 204 to 138 ms on the 9.6M U-Net, docs/benchmarks.md section 3c).
         params, opt_state, ema = jax.lax.cond(finite, update, lambda operands: operands,
                                               (state.params, state.opt_state, state.ema_params))
         bad = (~finite).astype(jnp.int32)
