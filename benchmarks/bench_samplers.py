@@ -183,6 +183,8 @@ def run(args: argparse.Namespace) -> dict:
     if k_sampling is None:
         print("note: k-diffusion (and torch) not installed; running flaxdiff samplers only")
     for dim, n in ((2, args.samples_2d), (64, args.samples_64d)):
+        if dim not in (getattr(args, "problems", None) or (2, 64)):
+            continue
         problem = make_problem(dim, seed=dim)
         denoise = gmm_denoiser(problem)
         noise = jax.random.normal(jax.random.PRNGKey(dim), (n, dim), jnp.float64)
@@ -212,6 +214,7 @@ def run(args: argparse.Namespace) -> dict:
                                              sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, **options)
                     x = jax.block_until_ready(x)
                     record("flaxdiff", label, grid_name, budget, nfe, x, time.perf_counter() - start)
+            print(f"{dim}-D: flaxdiff {label} done", file=sys.stderr, flush=True)
         if k_sampling is not None:
             import torch
 
@@ -356,6 +359,8 @@ def main() -> None:
     parser.add_argument("--samples-64d", type=int, default=1024)
     parser.add_argument("--budgets", type=int, nargs="*", help="NFE budgets (default: 5-20 and 50)")
     parser.add_argument("--samplers", nargs="*", help="our registry names to run (default: all)")
+    parser.add_argument("--problems", type=int, nargs="*", choices=(2, 64), default=[2, 64],
+                        help="dimensions of the Gaussian-mixture problems to run (default: both)")
     args = parser.parse_args()
     if args.budgets:
         global BUDGETS, SUMMARY_BUDGETS
