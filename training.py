@@ -158,6 +158,8 @@ def resolve_config(argv: list[str] | None = None) -> tuple[RunConfig, argparse.N
             values["train"]["steps"] = None
         elif flags.get("train.steps") is not None:
             values["train"]["epochs"] = None
+        if "model.options" not in flags and flags.get("model.name", base.model.name) != base.model.name:
+            values["model"]["options"] = {}   # the base's options belong to the base's preset
         for dotted, value in flags.items():
             section, name = dotted.split(".", 1)
             values[section][name] = value

@@ -264,14 +264,15 @@ class DataConfig(_Section):
 @dataclasses.dataclass(frozen=True)
 class ModelConfig(_Section):
     """name: a model preset (flaxdiff.models.available()). options: overrides of the preset's config fields
-    (in_channels, num_classes, text dims and input_size are filled in from the data when absent).
+    (in_channels, num_classes, text dims and input_size are filled in from the data when absent). The default
+    options belong to the default preset: a file or flag that names another preset without options gets that
+    preset's own config ({}).
     pretrained: a diffusers pipeline directory (StableDiffusionPipeline or DiTPipeline) whose U-Net / DiT is
     fine-tuned (docs/diffusers.md); name and options are then the pipeline's (stored as "diffusers", {})."""
 
-    name: str = "unet-small"
+    name: str = "dit"
     options: dict = dataclasses.field(default_factory=lambda: {
-        "patch_size": 2, "base_channels": 64, "channel_mult": [1, 2], "num_res_blocks": 1,
-        "attention_levels": [1], "num_heads": 4, "norm_num_groups": 8})
+        "patch_size": 4, "hidden_size": 128, "depth": 6, "num_heads": 4, "frequency_dim": 128})
     pretrained: str | None = None
 
     section: typing.ClassVar[str] = "model"
@@ -344,7 +345,7 @@ class TrainSection(_Section):
     eval_every (0: off) / eval_batches / sample_every (0: only the final preview): run intervals."""
 
     optimizer: str = "adamw"
-    learning_rate: float = 2e-3
+    learning_rate: float = 1.5e-3
     warmup_steps: int = 100
     lr_decay: str = "cosine"
     decay_steps: int = 0
@@ -353,15 +354,15 @@ class TrainSection(_Section):
     b1: float = 0.9
     b2: float = 0.99
     grad_clip: float = 1.0
-    batch_size: int = 32
-    steps: int | None = 1250
+    batch_size: int = 16
+    steps: int | None = 2800
     epochs: float | None = None
     grad_accum_steps: int = 1
     ema_decay: float = 0.999
     compute_dtype: str = "float32"
     fsdp: int = 1
     seed: int = 0
-    checkpoint_every: int = 500
+    checkpoint_every: int = 1000
     keep_checkpoints: int = 2
     log_every: int = 25
     eval_every: int = 0
@@ -415,7 +416,7 @@ class SampleConfig(_Section):
     steps: int = 20
     grid: str = "logsnr_uniform"
     guidance: float = 3.0
-    guidance_interval: list | None = None
+    guidance_interval: list | None = dataclasses.field(default_factory=lambda: [0.3, 3.0])
     ema: bool = True
     per_class: int = 10
 
@@ -559,6 +560,8 @@ class RunConfig:
                 raise ConfigError(f"{where}section {name}: expected a mapping, got {given!r}")
             defaults = section_cls().to_dict()
             merged = {**defaults, **dict(given)}
+            if name == "model" and "options" not in given and given.get("name", defaults["name"]) != defaults["name"]:
+                merged["options"] = {}   # the default options belong to the default preset
             if name == "train" and ("steps" in given) != ("epochs" in given):
                 if given.get("epochs") is not None:
                     merged["steps"] = None

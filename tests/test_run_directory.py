@@ -50,7 +50,7 @@ def test_moved_run_resumes_bitwise(base, tmp_path):
 @pytest.mark.parametrize("argv, message", [
     ([], "already holds checkpoints (steps [2]); pass --resume"),
     (["--resume", "--model-config", '{"base_channels": 8}'], "setting(s) differ: model.options"),
-    (["--resume", "--lr", "0.5"], "was trained with train.learning_rate=0.002, this run has 0.5"),
+    (["--resume", "--lr", "0.5"], "was trained with train.learning_rate=0.0015, this run has 0.5"),
     (["--resume", "--dataset", "mnist"], "data.dataset"),
 ])
 def test_refused_start_leaves_the_run_directory_byte_identical(base, tmp_path, capsys, argv, message):

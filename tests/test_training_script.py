@@ -146,8 +146,23 @@ def test_defaults_are_the_mnist_main_job(capsys):
         ("mnist", 32, "rectified_flow", "velocity", "logit_normal")
     assert config["diffusion"]["cond_drop_prob"] == 0.1 and config["train"]["ema_decay"] > 0
     # the main job's sampling settings travel with its checkpoints (docs/main_job.md measured them)
-    assert (config["sample"]["sampler"], config["sample"]["steps"], config["sample"]["guidance"]) == \
-        ("dpmpp_2m", 20, 3.0)
+    assert (config["sample"]["sampler"], config["sample"]["steps"], config["sample"]["guidance"],
+            config["sample"]["guidance_interval"]) == ("dpmpp_2m", 20, 3.0, [0.3, 3.0])
+
+
+def test_another_preset_without_options_gets_its_own_config(tmp_path, capsys):
+    """The default options belong to the default preset: naming another preset (flag or file) without options
+    gives that preset's own config, and options given with it are kept."""
+    assert training.main(["--model", "unet-small", "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"] == {"name": "unet-small", "options": {}, "pretrained": None}
+    file = tmp_path / "run.yaml"
+    file.write_text("model: {name: unet-tiny}\n")
+    assert training.main(["--config", str(file), "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"]["options"] == {}
+    assert training.main(["--config", str(file), "--model-config", '{"base_channels": 8}', "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"]["options"] == {"base_channels": 8}
+    assert training.main(["--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"]["options"]["patch_size"] == 4
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -180,9 +195,11 @@ def test_defaults_are_the_mnist_main_job(capsys):
     (["--channels", "2"], "data.channels 2 is invalid; accepted: 1, 3"),
     (["--random-flip", "maybe"], "data.random_flip 'maybe' is invalid; accepted: true or false"),
     (["--task", "reflow"], "task.name reflow needs task.reflow_from"),
-    (["--model-config", '{"base_channels": "wide"}'], "model.options.base_channels 'wide' is invalid; accepted: an "
-                                                      "integer"),
-    (["--model-config", '{"base_chanels": 8}'], "unknown model.options.base_chanels for 'unet-small'; accepted:"),
+    (["--model", "unet-small", "--model-config", '{"base_channels": "wide"}'],
+     "model.options.base_channels 'wide' is invalid; accepted: an integer"),
+    (["--model-config", '{"hidden_sise": 8}'], "unknown model.options.hidden_sise for 'dit'; accepted:"),
+    (["--model", "unet-small", "--model-config", '{"base_chanels": 8}'],
+     "unknown model.options.base_chanels for 'unet-small'; accepted:"),
     (["--seed", "-1"], "train.seed -1 is invalid; accepted: an integer >= 0"),
     (["--steps", "1.5"], "train.steps '1.5' is invalid; accepted: an integer"),
     (["--num-classes", "-1"], "data.num_classes -1 is invalid"),
