@@ -8,7 +8,6 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from flaxdiff import data
-from flaxdiff.data import sources as S
 
 TINY_SHAPE = (12, 10, 1)
 
