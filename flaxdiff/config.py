@@ -355,7 +355,7 @@ class TrainSection(_Section):
     b2: float = 0.99
     grad_clip: float = 1.0
     batch_size: int = 16
-    steps: int | None = 2600
+    steps: int | None = 2800
     epochs: float | None = None
     grad_accum_steps: int = 1
     ema_decay: float = 0.999
