@@ -148,10 +148,11 @@ def resolve_config(argv: list[str] | None = None) -> tuple[RunConfig, argparse.N
     if flags.get("train.steps") is not None and flags.get("train.epochs") is not None:
         parser.error("--steps and --epochs conflict; give one of them")
     try:
-        base = RunConfig()
+        base, file_values = RunConfig(), {}
         if invocation.config:
             where = f"--config {invocation.config}: "
-            base = RunConfig.from_dict(read_config_file(invocation.config), where)
+            file_values = read_config_file(invocation.config)
+            base = RunConfig.from_dict(file_values, where)
             base = base.resolved_paths(Path(invocation.config).expanduser().parent)
         values = base.to_dict()
         if flags.get("train.epochs") is not None:
@@ -172,6 +173,10 @@ def resolve_config(argv: list[str] | None = None) -> tuple[RunConfig, argparse.N
                                   f"brings its own architecture; drop --{given[0]}")
             from flaxdiff.interop import diffusers_finetune
 
+            file_sample = file_values.get("sample") if isinstance(file_values, dict) else None
+            if "sample.guidance_interval" not in flags and "guidance_interval" not in (file_sample or {}):
+                # the default interval was measured on the MNIST main job; a pretrained pipeline guides everywhere
+                config = config.replace(sample={"guidance_interval": None})
             config = diffusers_finetune.resolve_config(config)
     except ConfigError as err:
         parser.error(str(err))
