@@ -173,8 +173,7 @@ def resolve_config(argv: list[str] | None = None) -> tuple[RunConfig, argparse.N
                                   f"brings its own architecture; drop --{given[0]}")
             from flaxdiff.interop import diffusers_finetune
 
-            file_sample = file_values.get("sample") if isinstance(file_values, dict) else None
-            if "sample.guidance_interval" not in flags and "guidance_interval" not in (file_sample or {}):
+            if "sample.guidance_interval" not in flags and "guidance_interval" not in file_values.get("sample", {}):
                 # the default interval was measured on the MNIST main job; a pretrained pipeline guides everywhere
                 config = config.replace(sample={"guidance_interval": None})
             config = diffusers_finetune.resolve_config(config)

@@ -1,6 +1,6 @@
 """The main job, timed end to end and scored: this default against an earlier default, back to back.
 
-    python benchmarks/bench_main_job.py --root /tmp/mainjob [--baseline configs/mnist_unet.json] [--per-class 50]
+    python benchmarks/bench_main_job.py [--root runs/bench_main_job] [--baseline configs/mnist_unet.json] [--per-class 50]
 
 Runs ``python training.py --workdir ROOT/default`` (no flags: the current defaults) and then ``python training.py
 --config BASELINE --workdir ROOT/baseline`` (the previous default, kept as a config file) as separate processes on
@@ -40,18 +40,22 @@ def timed(command: list[str], log: Path) -> tuple[float, str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--root", type=Path, required=True, help="directory for the two run directories and logs")
+    parser.add_argument("--root", type=Path, default=Path("runs/bench_main_job"),
+                        help="directory for the two run directories and logs (relative paths: to the repository)")
     parser.add_argument("--baseline", type=Path, default=REPO / "configs" / "mnist_unet.json",
                         help="config file of the run to compare with (default: the previous default, the U-Net)")
     parser.add_argument("--per-class", type=int, default=50)
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
+    args.root = args.root if args.root.is_absolute() else REPO / args.root
 
     args.root.mkdir(parents=True, exist_ok=True)
     jobs = [("default", [])]
     if not args.skip_baseline:
-        jobs.append(("baseline", ["--config", str(args.baseline.resolve())]))
+        baseline = args.baseline.resolve()
+        shown = baseline.relative_to(REPO) if baseline.is_relative_to(REPO) else baseline
+        jobs.append(("baseline", ["--config", str(shown)]))   # training.py runs in the repository
     print(f"python {platform.python_version()}, {os.cpu_count()} cores, load average {load()}")
     rows = []
     for name, flags in jobs:
