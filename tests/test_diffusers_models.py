@@ -12,6 +12,7 @@ from safetensors.numpy import load_file, save_file
 
 from flaxdiff.interop import diffusers_dit as dd
 from flaxdiff.interop import diffusers_unet as du
+from flaxdiff.interop import safetensors_io, torch_weights
 
 TINY_UNET = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
                  norm_num_groups=4, cross_attention_dim=8, attention_head_dim=2,
@@ -140,7 +141,7 @@ def _meta_state_shapes(cls, kwargs):
 
 
 def _flax_torch_shapes(key_map):
-    return {key: du.torch_shape(shape, layout) for key, (_, layout, shape) in key_map.items()}
+    return {key: torch_weights.torch_shape(shape, layout) for key, (_, layout, shape) in key_map.items()}
 
 
 @pytest.mark.parametrize("name,kwargs", [("sd15", SD15_UNET), ("sd21", SD21_UNET), ("sdxl", SDXL_UNET)])
@@ -177,7 +178,7 @@ def test_sharded_checkpoints_load(tmp_path):
     assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
     _, single, _ = du.load_diffusers_unet(tmp_path / "single")
     _, sharded, _ = du.load_diffusers_unet(tmp_path / "sharded")
-    flat_single, flat_sharded = du.safetensors_io.flatten_tree(single), du.safetensors_io.flatten_tree(sharded)
+    flat_single, flat_sharded = safetensors_io.flatten_tree(single), safetensors_io.flatten_tree(sharded)
     assert sorted(flat_single) == sorted(flat_sharded)
     for key, value in flat_single.items():
         np.testing.assert_array_equal(flat_sharded[key], value)

@@ -13,7 +13,7 @@ from diffusers import AutoencoderKL as TorchAutoencoderKL
 from safetensors.numpy import load_file, save_file
 
 from flaxdiff import models
-from flaxdiff.interop import diffusers_vae, safetensors_io
+from flaxdiff.interop import diffusers_vae, safetensors_io, torch_weights
 from flaxdiff.models.autoencoder import scale_latents
 from flaxdiff.training.checkpoint import CheckpointManager
 
@@ -144,6 +144,21 @@ def test_layout_transposes(sd_vae):
     assert kernel[2, 0, 5, 7] == conv[7, 5, 2, 0]
     dense = state["encoder.mid_block.attentions.0.to_q.weight"].numpy()             # (O, I)
     assert params["encoder"]["mid_block"]["attentions_0"]["to_q"]["kernel"][3, 11] == dense[11, 3]
+
+
+@pytest.mark.parametrize("layout, torch_shape", [("conv", (5, 4, 3, 2)), ("dense", (5, 4)), ("vector", (6,))])
+def test_shared_torch_layouts_are_exact_inverses(layout, torch_shape):
+    """torch_weights (used by the VAE, U-Net, DiT and text-encoder maps): to_flax then to_torch is the identity and
+    torch_shape is the torch shape of the flax array; a dense (O, I, 1, 1) is read as (I, O)."""
+    array = np.arange(np.prod(torch_shape), dtype=np.float32).reshape(torch_shape)
+    flax = torch_weights.to_flax_layout(array, layout)
+    assert torch_weights.torch_shape(flax.shape, layout) == torch_shape
+    np.testing.assert_array_equal(torch_weights.to_torch_layout(flax, layout), array)
+    if layout == "dense":
+        np.testing.assert_array_equal(torch_weights.to_flax_layout(array[:, :, None, None], "dense"), array.T)
+    key_map = torch_weights.key_map_from_shapes({"block_0": {"kernel" if layout != "vector" else "bias": flax}},
+                                                lambda path: ".".join(path))
+    assert list(key_map.values())[0][1:] == (layout, flax.shape)
 
 
 def test_deprecated_attention_names_load_identically(sd_vae, tmp_path):

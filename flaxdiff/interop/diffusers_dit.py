@@ -32,6 +32,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from flaxdiff.interop import diffusers_unet as du
+from flaxdiff.interop import torch_weights
 
 logger = logging.getLogger(__name__)
 
@@ -268,18 +269,19 @@ def param_shapes(config: DiTConfig) -> dict[str, Any]:
 
 def dit_key_map(config: DiTConfig) -> dict[str, tuple[tuple[str, ...], str, tuple[int, ...]]]:
     """``{torch key: (flax path, layout, flax shape)}`` for every DiT parameter."""
-    return du.key_map_from_shapes(param_shapes(config))
+    return torch_weights.key_map_from_shapes(param_shapes(config), du.flax_path_to_torch_key)
 
 
 def from_torch_state_dict(state_dict: Mapping[str, Any], config: DiTConfig, source: str = "state dict"
                           ) -> dict[str, Any]:
     """flax params from a diffusers DiT state dict (numpy arrays in torch layouts)."""
-    return du.convert_state_dict(state_dict, dit_key_map(config), "diffusers DiTTransformer2DModel", source)
+    return torch_weights.convert_state_dict(state_dict, dit_key_map(config), "diffusers DiTTransformer2DModel",
+                                            source)
 
 
 def to_torch_state_dict(params: Mapping[str, Any], config: DiTConfig) -> dict[str, np.ndarray]:
     """The diffusers ``DiTTransformer2DModel`` state dict of flax params."""
-    return du.export_state_dict(params, dit_key_map(config), "DiTTransformer2DModel")
+    return torch_weights.export_state_dict(params, dit_key_map(config), "DiTTransformer2DModel")
 
 
 def load_diffusers_dit(path: str | Path, dtype: str = "float32"

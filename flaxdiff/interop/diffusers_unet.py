@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from flaxdiff.interop import safetensors_io
+from flaxdiff.interop import torch_weights
 
 logger = logging.getLogger(__name__)
 
@@ -521,7 +521,7 @@ def c_noise_apply_fn(module: nn.Module, num_train_timesteps: int = 1000) -> Call
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Key and layout map (generic: used by the DiT port too)
+# Key map (the naming rule is used by the DiT port too; layouts: flaxdiff.interop.torch_weights)
 
 
 def flax_path_to_torch_key(flax_path: Sequence[str]) -> str:
@@ -535,97 +535,6 @@ def flax_path_to_torch_key(flax_path: Sequence[str]) -> str:
         match = re.fullmatch(r"(.+)_(\d+)", name)
         parts.append(f"{match.group(1)}.{match.group(2)}" if match and match.group(1) in LIST_MODULES else name)
     return ".".join(parts + [_LEAF_TO_TORCH[leaf]])
-
-
-def _layout(flax_path: Sequence[str], ndim: int) -> str:
-    if flax_path[-1] != "kernel":
-        return "vector"
-    return {4: "conv", 2: "dense"}[ndim]
-
-
-def key_map_from_shapes(shapes: Mapping[str, Any]) -> dict[str, tuple[tuple[str, ...], str, tuple[int, ...]]]:
-    """``{torch key: (flax path, layout, flax shape)}`` from a nested tree of arrays / ShapeDtypeStructs."""
-    out = {}
-    for path, leaf in safetensors_io.flatten_tree(shapes).items():
-        flax_path = tuple(path.split(safetensors_io.SEPARATOR))
-        out[flax_path_to_torch_key(flax_path)] = (flax_path, _layout(flax_path, len(leaf.shape)), tuple(leaf.shape))
-    return out
-
-
-def torch_shape(shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
-    """The torch shape of a flax param shape: conv (kh, kw, I, O) -> (O, I, kh, kw), dense (I, O) -> (O, I)."""
-    if layout == "conv":
-        return (shape[3], shape[2], shape[0], shape[1])
-    if layout == "dense":
-        return (shape[1], shape[0])
-    return tuple(shape)
-
-
-def _to_flax(array: np.ndarray, layout: str) -> np.ndarray:
-    if layout == "conv" and array.ndim == 4:
-        return np.transpose(array, (2, 3, 1, 0))
-    if layout == "dense" and array.ndim == 4 and array.shape[2:] == (1, 1):
-        array = array.reshape(array.shape[:2])
-    if layout == "dense" and array.ndim == 2:
-        return np.transpose(array)
-    return array
-
-
-def _to_torch(array: np.ndarray, layout: str) -> np.ndarray:
-    if layout == "conv":
-        return np.transpose(array, (3, 2, 0, 1))
-    if layout == "dense":
-        return np.transpose(array)
-    return array
-
-
-def convert_state_dict(state_dict: Mapping[str, Any], key_map: Mapping[str, tuple[tuple[str, ...], str,
-                                                                                    tuple[int, ...]]],
-                       what: str, source: str) -> dict[str, Any]:
-    """flax params (float32 numpy nested dict) from a torch state dict; ValueError naming the first missing key
-    (with its expected torch shape), the first unexpected key (with its shape) or the first shape mismatch."""
-    missing = sorted(set(key_map) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(key_map))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            path, layout, shape = key_map[missing[0]]
-            parts.append(f"{len(missing)} missing keys, first {missing[0]} (expected shape "
-                         f"{torch_shape(shape, layout)})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys, first {unexpected[0]} (shape "
-                         f"{tuple(np.shape(state_dict[unexpected[0]]))})")
-        raise ValueError(f"{what} weights in {source} do not match the config: {'; '.join(parts)}")
-    flat = {}
-    for key, (path, layout, shape) in key_map.items():
-        value = _to_flax(np.asarray(state_dict[key]), layout)
-        if value.shape != shape:
-            raise ValueError(f"{what} weights in {source}: {key} has shape {tuple(np.shape(state_dict[key]))}, "
-                             f"expected {torch_shape(shape, layout)}")
-        flat[safetensors_io.SEPARATOR.join(path)] = np.ascontiguousarray(value.astype(np.float32))
-    return safetensors_io.unflatten_tree(flat)
-
-
-def export_state_dict(params: Mapping[str, Any], key_map: Mapping[str, tuple[tuple[str, ...], str, tuple[int, ...]]],
-                      what: str) -> dict[str, np.ndarray]:
-    """The torch state dict (float32 numpy, torch layouts) of flax params; ValueError on the first missing or
-    unexpected flax path."""
-    flat = safetensors_io.flatten_tree(params)
-    expected = {safetensors_io.SEPARATOR.join(path): (key, layout, shape) for key, (path, layout, shape) in
-                key_map.items()}
-    missing, unexpected = sorted(set(expected) - set(flat)), sorted(set(flat) - set(expected))
-    if missing or unexpected:
-        first = (f"first missing {missing[0]} (shape {expected[missing[0]][2]})" if missing else
-                 f"first unexpected {unexpected[0]} (shape {tuple(np.shape(flat[unexpected[0]]))})")
-        raise ValueError(f"{what} params do not match the config: {len(missing)} missing, {len(unexpected)} "
-                         f"unexpected; {first}")
-    out = {}
-    for path, (key, layout, shape) in expected.items():
-        value = np.asarray(flat[path], np.float32)
-        if value.shape != shape:
-            raise ValueError(f"{what} param {path} has shape {value.shape}, expected {shape}")
-        out[key] = np.ascontiguousarray(_to_torch(value, layout))
-    return out
 
 
 def _example_inputs(config: UNet2DConditionConfig) -> tuple[Array, Array, dict[str, Array]]:
@@ -646,18 +555,19 @@ def param_shapes(config: UNet2DConditionConfig) -> dict[str, Any]:
 
 def unet_key_map(config: UNet2DConditionConfig) -> dict[str, tuple[tuple[str, ...], str, tuple[int, ...]]]:
     """``{torch key: (flax path, layout, flax shape)}`` for every parameter of the U-Net."""
-    return key_map_from_shapes(param_shapes(config))
+    return torch_weights.key_map_from_shapes(param_shapes(config), flax_path_to_torch_key)
 
 
 def from_torch_state_dict(state_dict: Mapping[str, Any], config: UNet2DConditionConfig,
                           source: str = "state dict") -> dict[str, Any]:
     """flax params from a diffusers ``UNet2DConditionModel`` state dict (numpy arrays in torch layouts)."""
-    return convert_state_dict(state_dict, unet_key_map(config), "diffusers UNet2DConditionModel", source)
+    return torch_weights.convert_state_dict(state_dict, unet_key_map(config), "diffusers UNet2DConditionModel",
+                                            source)
 
 
 def to_torch_state_dict(params: Mapping[str, Any], config: UNet2DConditionConfig) -> dict[str, np.ndarray]:
     """The diffusers ``UNet2DConditionModel`` state dict of flax params (inverse of :func:`from_torch_state_dict`)."""
-    return export_state_dict(params, unet_key_map(config), "UNet2DConditionModel")
+    return torch_weights.export_state_dict(params, unet_key_map(config), "UNet2DConditionModel")
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from flaxdiff.interop import safetensors_io
+from flaxdiff.interop import safetensors_io, torch_weights
 from flaxdiff.models.autoencoder import AutoencoderConfig, AutoencoderKL
 
 logger = logging.getLogger(__name__)
@@ -136,12 +136,6 @@ def diffusers_key(flax_path: tuple[str, ...]) -> str:
     return ".".join([re.sub(r"_(\d+)$", r".\1", name) for name in modules] + [_LEAF_TO_TORCH[leaf]])
 
 
-def _layout(flax_path: tuple[str, ...], shape: tuple[int, ...]) -> str:
-    if flax_path[-1] != "kernel":
-        return "vector"
-    return {4: "conv", 2: "dense"}[len(shape)]
-
-
 def _expected_params(config: AutoencoderConfig) -> dict[str, Any]:
     """Shapes and dtypes of every parameter of ``AutoencoderKL(config)`` (no computation)."""
     factor = config.downsample_factor
@@ -152,30 +146,8 @@ def _expected_params(config: AutoencoderConfig) -> dict[str, Any]:
 
 def diffusers_key_map(config: AutoencoderConfig) -> dict[str, tuple[tuple[str, ...], str, tuple[int, ...]]]:
     """``{torch key: (flax path, layout, flax shape)}`` for every parameter; layout is "conv", "dense" or
-    "vector" (see the module docstring for the transposes)."""
-    out = {}
-    for path, leaf in safetensors_io.flatten_tree(_expected_params(config)).items():
-        flax_path = tuple(path.split(safetensors_io.SEPARATOR))
-        out[diffusers_key(flax_path)] = (flax_path, _layout(flax_path, leaf.shape), tuple(leaf.shape))
-    return out
-
-
-def _to_flax_layout(array: np.ndarray, layout: str) -> np.ndarray:
-    if layout == "conv" and array.ndim == 4:
-        return np.transpose(array, (2, 3, 1, 0))
-    if layout == "dense" and array.ndim == 4 and array.shape[2:] == (1, 1):
-        array = array.reshape(array.shape[:2])
-    if layout == "dense" and array.ndim == 2:
-        return np.transpose(array)
-    return array
-
-
-def _to_torch_layout(array: np.ndarray, layout: str) -> np.ndarray:
-    if layout == "conv":
-        return np.transpose(array, (3, 2, 0, 1))
-    if layout == "dense":
-        return np.transpose(array)
-    return array
+    "vector" (transposes: the module docstring, :mod:`flaxdiff.interop.torch_weights`)."""
+    return torch_weights.key_map_from_shapes(_expected_params(config), diffusers_key)
 
 
 def _rename_deprecated(key: str) -> str:
@@ -217,10 +189,10 @@ def from_diffusers_state_dict(state_dict: Mapping[str, np.ndarray], config: Auto
             value = np.eye(channels, dtype=np.float32).reshape(shape) if layout == "conv" else np.zeros(shape,
                                                                                                       np.float32)
         else:
-            value = _to_flax_layout(np.asarray(renamed[key]), layout).astype(np.float32)
+            value = torch_weights.to_flax_layout(np.asarray(renamed[key]), layout).astype(np.float32)
         if value.shape != shape:
             mismatched.append(f"{key} {tuple(np.shape(renamed[key]))} (expected torch shape "
-                              f"{_to_torch_layout(np.zeros(shape), layout).shape})")
+                              f"{torch_weights.torch_shape(shape, layout)})")
         flat[safetensors_io.SEPARATOR.join(path)] = np.ascontiguousarray(value)
     if mismatched:
         raise ValueError(f"diffusers AutoencoderKL weights in {source} have wrong shapes: {_listing(mismatched)}")
@@ -235,8 +207,8 @@ def to_diffusers_state_dict(params: Mapping[str, Any], config: AutoencoderConfig
     if set(flat) != expected:
         raise ValueError(f"params do not match the autoencoder config: missing {_listing(sorted(expected - set(flat)))}"
                          f"; unexpected {_listing(sorted(set(flat) - expected))}")
-    return {key: np.ascontiguousarray(_to_torch_layout(np.asarray(flat[safetensors_io.SEPARATOR.join(path)]),
-                                                       layout))
+    return {key: np.ascontiguousarray(torch_weights.to_torch_layout(
+                np.asarray(flat[safetensors_io.SEPARATOR.join(path)]), layout))
             for key, (path, layout, _) in key_map.items()}
 
 

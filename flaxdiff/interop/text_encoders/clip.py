@@ -248,11 +248,7 @@ def key_map(config: CLIPTextConfig, prefix: str = _PREFIX) -> weights.KeyMap:
 
 def param_shapes(config: CLIPTextConfig, dtype: str = "float32") -> dict[str, tuple[int, ...]]:
     """flax path -> shape of every param (from ``jax.eval_shape``, no compute)."""
-    from flaxdiff.interop.safetensors_io import flatten_tree
-
-    ids = jnp.zeros((1, config.max_position_embeddings), jnp.int32)
-    tree = jax.eval_shape(CLIPTextTransformer(config, dtype).init, jax.random.PRNGKey(0), ids)["params"]
-    return {path: tuple(leaf.shape) for path, leaf in flatten_tree(tree).items()}
+    return weights.param_shapes_of(CLIPTextTransformer(config, dtype), (1, config.max_position_embeddings))
 
 
 def from_state_dict(state: Mapping[str, np.ndarray], config: CLIPTextConfig, dtype: str = "float32"
@@ -282,13 +278,9 @@ def load_hf(directory: str | Path, dtype: str = "float32", with_projection: bool
 def save_hf(params: Mapping[str, Any], config: CLIPTextConfig, out_dir: str | Path) -> Path:
     """Write ``config.json`` + ``model.safetensors`` as transformers 5 writes ``CLIPTextModel`` (no prefix) or
     ``CLIPTextModelWithProjection`` (``text_model.`` prefix); ``from_pretrained`` loads it."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     prefix = _PREFIX if config.projection_dim is not None else ""
-    weights.write_safetensors_file(out_dir / "model.safetensors", weights.to_torch(params, key_map(config, prefix)),
-                                   {"format": "pt"})
-    (out_dir / "config.json").write_text(json.dumps(hf_config(config), indent=2))
-    return out_dir
+    return weights.save_model_dir(out_dir, "model.safetensors", weights.to_torch(params, key_map(config, prefix)),
+                                  "config.json", hf_config(config))
 
 
 # Backend protocol of flaxdiff.interop.text_encoders.encoder.

@@ -228,11 +228,7 @@ def key_map(config: OpenCLIPTextConfig, prefix: str = "") -> weights.KeyMap:
 
 def param_shapes(config: OpenCLIPTextConfig, dtype: str = "float32") -> dict[str, tuple[int, ...]]:
     """flax path -> shape of every param (``jax.eval_shape``, no compute)."""
-    from flaxdiff.interop.safetensors_io import flatten_tree
-
-    ids = jnp.zeros((1, config.context_length), jnp.int32)
-    tree = jax.eval_shape(OpenCLIPText(config, dtype).init, jax.random.PRNGKey(0), ids)["params"]
-    return {path: tuple(leaf.shape) for path, leaf in flatten_tree(tree).items()}
+    return weights.param_shapes_of(OpenCLIPText(config, dtype), (1, config.context_length))
 
 
 def from_state_dict(state: Mapping[str, np.ndarray], config: OpenCLIPTextConfig, dtype: str = "float32"
@@ -271,12 +267,8 @@ def load_dir(directory: str | Path, dtype: str = "float32") -> tuple[OpenCLIPTex
 
 def save_dir(params: Mapping[str, Any], config: OpenCLIPTextConfig, out_dir: str | Path) -> Path:
     """Write ``open_clip_config.json`` + ``open_clip_model.safetensors`` (text tower, OpenCLIP key names)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    weights.write_safetensors_file(out_dir / "open_clip_model.safetensors",
-                                   weights.to_torch(params, key_map(config)), {"format": "pt"})
-    (out_dir / CONFIG_FILE).write_text(json.dumps(openclip_config(config), indent=2))
-    return out_dir
+    return weights.save_model_dir(out_dir, "open_clip_model.safetensors", weights.to_torch(params, key_map(config)),
+                                  CONFIG_FILE, openclip_config(config))
 
 
 # Backend protocol of flaxdiff.interop.text_encoders.encoder.

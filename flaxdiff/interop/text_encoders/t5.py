@@ -209,11 +209,7 @@ def key_map(config: T5EncoderConfig) -> weights.KeyMap:
 
 def param_shapes(config: T5EncoderConfig, dtype: str = "float32") -> dict[str, tuple[int, ...]]:
     """flax path -> shape of every param (``jax.eval_shape``, no compute)."""
-    from flaxdiff.interop.safetensors_io import flatten_tree
-
-    ids = jnp.zeros((1, 4), jnp.int32)
-    tree = jax.eval_shape(T5Encoder(config, dtype).init, jax.random.PRNGKey(0), ids)["params"]
-    return {path: tuple(leaf.shape) for path, leaf in flatten_tree(tree).items()}
+    return weights.param_shapes_of(T5Encoder(config, dtype), (1, 4))
 
 
 def from_state_dict(state: Mapping[str, np.ndarray], config: T5EncoderConfig, dtype: str = "float32"
@@ -237,12 +233,8 @@ def load_hf(directory: str | Path, dtype: str = "float32") -> tuple[T5Encoder, d
 
 def save_hf(params: Mapping[str, Any], config: T5EncoderConfig, out_dir: str | Path) -> Path:
     """Write ``config.json`` + ``model.safetensors`` as transformers writes ``T5EncoderModel``."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    weights.write_safetensors_file(out_dir / "model.safetensors", weights.to_torch(params, key_map(config)),
-                                   {"format": "pt"})
-    (out_dir / "config.json").write_text(json.dumps(hf_config(config), indent=2))
-    return out_dir
+    return weights.save_model_dir(out_dir, "model.safetensors", weights.to_torch(params, key_map(config)),
+                                  "config.json", hf_config(config))
 
 
 # Backend protocol of flaxdiff.interop.text_encoders.encoder.

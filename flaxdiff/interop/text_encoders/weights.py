@@ -11,8 +11,9 @@ Reading (:func:`read_state_dict`), safest first:
 
 Key maps: a map is a dict ``flax path ("a/b/kernel") -> (torch key, kind)``; ``kind`` says how the array is laid out:
 
-    "dense"   torch Linear weight (out, in)   <->  flax kernel (in, out)        transpose
-    "copy"    same layout (bias, LayerNorm weight/bias, embedding table, positional table, projection matrix)
+    "dense"   torch Linear weight (out, in)   <->  flax kernel (in, out)        transpose (torch_weights "dense")
+    "copy"    same layout, torch_weights "vector" (bias, LayerNorm weight/bias, embedding table, positional
+              table, projection matrix)
 
 :func:`from_torch` and :func:`to_torch` apply a map in the two directions; every key of the map must be present and
 every torch key must be used (or match an ``ignore`` prefix), else a ValueError names the first offending key and
@@ -28,16 +29,19 @@ import struct
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
-from flaxdiff.interop.safetensors_io import unflatten_tree
+from flaxdiff.interop import torch_weights
+from flaxdiff.interop.safetensors_io import flatten_tree, unflatten_tree
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CONVERT_HINT", "KeyMap", "from_torch", "read_safetensors_file", "read_state_dict", "to_torch",
-           "write_safetensors_file"]
+__all__ = ["CONVERT_HINT", "KeyMap", "from_torch", "param_shapes_of", "read_safetensors_file", "read_state_dict",
+           "save_model_dir", "to_torch", "write_safetensors_file"]
 
 #: Flax path -> (torch key, kind) with kind "dense" or "copy".
 KeyMap = dict[str, tuple[str, str]]
@@ -53,6 +57,7 @@ _ST_DTYPES: dict[str, Any] = {
     "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
 }
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+_KIND_LAYOUTS = {"dense": "dense", "copy": "vector"}
 
 
 def read_safetensors_file(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -82,6 +87,25 @@ def write_safetensors_file(path: str | Path, arrays: Mapping[str, Any],
     """Write ``{name: array}`` with ``safetensors.numpy.save_file`` (ml_dtypes bfloat16 is stored as BF16)."""
     save_file({name: np.ascontiguousarray(np.asarray(value)) for name, value in arrays.items()}, str(path),
               metadata=dict(metadata) if metadata else None)
+
+
+def save_model_dir(out_dir: str | Path, weights_name: str, state: Mapping[str, Any], config_name: str,
+                   config_values: Mapping[str, Any]) -> Path:
+    """Write ``out_dir/weights_name`` (a torch state dict as safetensors, metadata format=pt) and
+    ``out_dir/config_name`` (JSON); returns ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_safetensors_file(out_dir / weights_name, state, {"format": "pt"})
+    (out_dir / config_name).write_text(json.dumps(config_values, indent=2))
+    return out_dir
+
+
+def param_shapes_of(module: Any, ids_shape: tuple[int, int]) -> dict[str, tuple[int, ...]]:
+    """flax path -> shape of every param of a text encoder module called on int32 ids of ``ids_shape``
+    (``jax.eval_shape`` of its init: no compute, no memory)."""
+    ids = jnp.zeros(ids_shape, jnp.int32)
+    tree = jax.eval_shape(module.init, jax.random.PRNGKey(0), ids)["params"]
+    return {path: tuple(leaf.shape) for path, leaf in flatten_tree(tree).items()}
 
 
 def _read_pickle(path: Path) -> dict[str, np.ndarray]:
@@ -152,6 +176,13 @@ def find_weights(directory: Path, stems: Iterable[str]) -> Path:
     raise ValueError(f"no weight file in {directory}; looked for {', '.join(tried)}")
 
 
+def _layout(kind: str, flax_path: str) -> str:
+    """The :mod:`flaxdiff.interop.torch_weights` layout of a key-map kind: "dense" is "dense", "copy" is "vector"."""
+    if kind not in _KIND_LAYOUTS:
+        raise ValueError(f"key map kind {kind!r} for {flax_path}; accepted: dense, copy")
+    return _KIND_LAYOUTS[kind]
+
+
 def from_torch(state: Mapping[str, np.ndarray], key_map: KeyMap, ignore: Iterable[str] = (),
                expected_shapes: Mapping[str, tuple[int, ...]] | None = None, dtype: Any = None) -> dict[str, Any]:
     """Nested flax params from a torch state dict by ``key_map`` (see the module docstring).
@@ -163,18 +194,14 @@ def from_torch(state: Mapping[str, np.ndarray], key_map: KeyMap, ignore: Iterabl
     used = set()
     flat: dict[str, Any] = {}
     for flax_path, (torch_key, kind) in key_map.items():
+        layout = _layout(kind, flax_path)
         if torch_key not in state:
             shape = expected_shapes.get(flax_path) if expected_shapes else None
-            torch_shape = None if shape is None else (tuple(shape)[::-1] if kind == "dense" else tuple(shape))
-            want = "" if torch_shape is None else f" (expected shape {torch_shape})"
+            want = "" if shape is None else f" (expected shape {torch_weights.torch_shape(shape, layout)})"
             raise ValueError(f"missing key {torch_key!r}{want} for {flax_path}; the checkpoint has "
                              f"{len(state)} keys, e.g. {sorted(state)[:3]}")
         used.add(torch_key)
-        value = np.asarray(state[torch_key])
-        if kind == "dense":
-            value = value.T
-        elif kind != "copy":
-            raise ValueError(f"key map kind {kind!r} for {flax_path}; accepted: dense, copy")
+        value = torch_weights.to_flax_layout(np.asarray(state[torch_key]), layout)
         if expected_shapes is not None and tuple(value.shape) != tuple(expected_shapes[flax_path]):
             raise ValueError(f"key {torch_key!r} has shape {tuple(np.shape(state[torch_key]))}; {flax_path} needs "
                              f"{tuple(expected_shapes[flax_path])} (flax layout) — the config does not match the "
@@ -191,8 +218,6 @@ def from_torch(state: Mapping[str, np.ndarray], key_map: KeyMap, ignore: Iterabl
 
 def to_torch(params: Mapping[str, Any], key_map: KeyMap) -> dict[str, np.ndarray]:
     """Inverse of :func:`from_torch`: ``{torch key: numpy array}`` (C-contiguous) from nested flax params."""
-    from flaxdiff.interop.safetensors_io import flatten_tree
-
     flat = flatten_tree(params)
     missing = sorted(set(key_map) - set(flat))
     extra = sorted(set(flat) - set(key_map))
@@ -203,5 +228,5 @@ def to_torch(params: Mapping[str, Any], key_map: KeyMap) -> dict[str, np.ndarray
     out = {}
     for flax_path, (torch_key, kind) in key_map.items():
         value = np.asarray(flat[flax_path])
-        out[torch_key] = np.ascontiguousarray(value.T if kind == "dense" else value)
+        out[torch_key] = np.ascontiguousarray(torch_weights.to_torch_layout(value, _layout(kind, flax_path)))
     return out
