@@ -109,7 +109,25 @@ def openclip_clean(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
-class BPETokenizer:
+class _RowTokenizer:
+    """The batch call shared by the tokenizers: ``tokenizer(texts) -> (ids (N, L) int32, mask (N, L) bool)``, one
+    row of ``encode_one`` per text and ``mask = first_eos_mask(ids, eos_id)``."""
+
+    max_length: int
+    eos_id: int
+
+    def encode_one(self, text: str) -> np.ndarray:
+        raise NotImplementedError
+
+    def __call__(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        if isinstance(texts, str):
+            raise ValueError("the tokenizer expects a list of strings, got a single str; wrap it in a list")
+        ids = np.stack([self.encode_one(text) for text in texts]) if len(texts) else np.zeros(
+            (0, self.max_length), np.int32)
+        return ids, first_eos_mask(ids, self.eos_id)
+
+
+class BPETokenizer(_RowTokenizer):
     """CLIP / OpenCLIP tokenizer on a ``tokenizers.Tokenizer`` (picklable: it is rebuilt from its JSON); also T5
     from a ``tokenizer.json`` without ``spiece.model`` (``bos_id=None``)."""
 
@@ -199,13 +217,6 @@ class BPETokenizer:
         row[start + len(body)] = self.eos_id
         return row
 
-    def __call__(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        if isinstance(texts, str):
-            raise ValueError("the tokenizer expects a list of strings, got a single str; wrap it in a list")
-        ids = np.stack([self.encode_one(text) for text in texts]) if len(texts) else np.zeros(
-            (0, self.max_length), np.int32)
-        return ids, first_eos_mask(ids, self.eos_id)
-
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["tokenizer"] = self.tokenizer.to_str()
@@ -227,7 +238,7 @@ class BPETokenizer:
         return {"tokenizer.json": self.tokenizer.to_str(), "tokenizer_config.json": json.dumps(config, indent=2)}
 
 
-class SentencePieceTokenizer:
+class SentencePieceTokenizer(_RowTokenizer):
     """T5 tokenizer on ``sentencepiece`` (``spiece.model``); picklable (the model bytes are kept)."""
 
     def __init__(self, model_proto: bytes, eos_id: int, pad_id: int, max_length: int) -> None:
@@ -261,13 +272,6 @@ class SentencePieceTokenizer:
         row[:len(body)] = body
         row[len(body)] = self.eos_id
         return row
-
-    def __call__(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        if isinstance(texts, str):
-            raise ValueError("the tokenizer expects a list of strings, got a single str; wrap it in a list")
-        ids = np.stack([self.encode_one(text) for text in texts]) if len(texts) else np.zeros(
-            (0, self.max_length), np.int32)
-        return ids, first_eos_mask(ids, self.eos_id)
 
     def __getstate__(self) -> dict[str, Any]:
         return {key: value for key, value in self.__dict__.items() if key != "processor"}
