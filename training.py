@@ -6,10 +6,11 @@
     python training.py --config runs/mnist/config.json   # a run's saved config reproduces that run
     python training.py --resume --workdir runs/mnist     # continue from the latest intact checkpoint
 
-Settings resolve as: ``RunConfig`` defaults < ``--config FILE`` < command-line flags. Every setting has one name,
-``section.field``, and a flag of that name (``--train.learning_rate``); the short aliases of
-``flaxdiff.config.ALIASES`` (``--lr``, ``--steps``, ``--dataset``, ...) set the same settings. Relative paths in a
-config file are relative to the file; on the command line, to the current directory. Invocation flags
+Settings resolve as: ``RunConfig`` defaults < ``--config FILE`` < command-line flags (``RunConfig.merge``, setting
+by setting; naming another model preset without options gives its own config, steps / epochs clear each other).
+Every setting has one name, ``section.field``, and a flag of that name (``--train.learning_rate``); the short aliases
+of ``flaxdiff.config.ALIASES`` (``--lr``, ``--steps``, ``--dataset``, ...) set the same settings. Relative paths in
+a config file are relative to the file; on the command line, to the current directory. Invocation flags
 (``--config``, ``--print-config``, ``--workdir``, ``--resume``, ``--overwrite``, ``--debug`` and the distributed
 flags) are not settings.
 
@@ -40,6 +41,9 @@ from typing import Any, Iterator, Mapping
 
 from flaxdiff.config import (ALIASES, SECTIONS, ConfigError, RunConfig, check_writable, field_type,
                              guidance_or_none, read_config_file)
+
+if typing.TYPE_CHECKING:
+    from flaxdiff.data.pipeline import MappedIterator
 
 logger = logging.getLogger("training")
 
@@ -77,17 +81,12 @@ def _flag_type(annotation: Any, dotted: str) -> Any:
             if lowered in ("0", "false", "no", "off"):
                 return False
             raise argparse.ArgumentTypeError(f"{dotted} {text!r} is invalid; accepted: true or false")
-        if base is int:
+        if base in (int, float):
             try:
-                return int(text)
+                return base(text)
             except ValueError:
-                raise argparse.ArgumentTypeError(f"{dotted} {text!r} is invalid; accepted: an integer"
-                                                 f"{' or none' if optional else ''}") from None
-        if base is float:
-            try:
-                return float(text)
-            except ValueError:
-                raise argparse.ArgumentTypeError(f"{dotted} {text!r} is invalid; accepted: a finite number"
+                kind = "an integer" if base is int else "a finite number"
+                raise argparse.ArgumentTypeError(f"{dotted} {text!r} is invalid; accepted: {kind}"
                                                  f"{' or none' if optional else ''}") from None
         if base in (dict, list):
             try:
@@ -147,24 +146,16 @@ def resolve_config(argv: list[str] | None = None) -> tuple[RunConfig, argparse.N
     flags = {key: value for key, value in given.items() if "." in key}
     if flags.get("train.steps") is not None and flags.get("train.epochs") is not None:
         parser.error("--steps and --epochs conflict; give one of them")
+    layer: dict[str, dict[str, Any]] = {}
+    for dotted, value in flags.items():
+        section, name = dotted.split(".", 1)
+        layer.setdefault(section, {})[name] = value
     try:
-        base, file_values = RunConfig(), {}
+        config = RunConfig()
         if invocation.config:
-            where = f"--config {invocation.config}: "
-            file_values = read_config_file(invocation.config)
-            base = RunConfig.from_dict(file_values, where)
-            base = base.resolved_paths(Path(invocation.config).expanduser().parent)
-        values = base.to_dict()
-        if flags.get("train.epochs") is not None:
-            values["train"]["steps"] = None
-        elif flags.get("train.steps") is not None:
-            values["train"]["epochs"] = None
-        if "model.options" not in flags and flags.get("model.name", base.model.name) != base.model.name:
-            values["model"]["options"] = {}   # the base's options belong to the base's preset
-        for dotted, value in flags.items():
-            section, name = dotted.split(".", 1)
-            values[section][name] = value
-        config = RunConfig.from_dict(values).resolved_paths(Path.cwd())
+            config = RunConfig.merge(config, read_config_file(invocation.config), f"--config {invocation.config}: ")
+            config = config.resolved_paths(Path(invocation.config).expanduser().parent)
+        config = RunConfig.merge(config, layer).resolved_paths(Path.cwd())
         if config.model.pretrained is not None:
             # a pretrained diffusers denoiser: its architecture and diffusion come from its directory
             given = sorted(key for key in ("model.name", "model.options") if key in flags)
@@ -173,9 +164,6 @@ def resolve_config(argv: list[str] | None = None) -> tuple[RunConfig, argparse.N
                                   f"brings its own architecture; drop --{given[0]}")
             from flaxdiff.interop import diffusers_finetune
 
-            if "sample.guidance_interval" not in flags and "guidance_interval" not in file_values.get("sample", {}):
-                # the default interval was measured on the MNIST main job; a pretrained pipeline guides everywhere
-                config = config.replace(sample={"guidance_interval": None})
             config = diffusers_finetune.resolve_config(config)
     except ConfigError as err:
         parser.error(str(err))
@@ -256,33 +244,6 @@ def build_train_config(config: RunConfig, total_steps: int, null_cond: Mapping[s
                        cond_drop_prob=config.diffusion.cond_drop_prob if null_cond else 0.0, null_cond=null_cond)
 
 
-class MappedIterator:
-    """``fn(batch)`` of every batch of a grain iterator, keeping its ``get_state`` / ``set_state`` (the data
-    position saved in checkpoints). ``first`` is a batch already drawn, returned before the rest."""
-
-    def __init__(self, iterator: Any, fn: Any = None, first: Any = None) -> None:
-        self.iterator = iterator
-        self.fn = fn
-        self._first = first
-
-    def __iter__(self) -> "MappedIterator":
-        return self
-
-    def __next__(self) -> Any:
-        if self._first is not None:
-            batch, self._first = self._first, None
-            return batch
-        batch = next(self.iterator)
-        return self.fn(batch) if self.fn is not None else batch
-
-    def get_state(self) -> Any:
-        return self.iterator.get_state()
-
-    def set_state(self, state: Any) -> None:
-        self._first = None
-        self.iterator.set_state(state)
-
-
 @dataclasses.dataclass
 class Data:
     """What the data section resolves to: the batch stream and the facts the model is built from."""
@@ -304,6 +265,7 @@ def build_data(config: RunConfig, workdir: Path, local_batch: int) -> Data:
     import numpy as np
 
     from flaxdiff import data
+    from flaxdiff.data.pipeline import MappedIterator
 
     cfg = config.data
     options: dict[str, Any] = {"split": cfg.split}
@@ -348,7 +310,7 @@ def build_data(config: RunConfig, workdir: Path, local_batch: int) -> Data:
                               worker_count=cfg.worker_count, channels=cfg.channels if pixels else None,
                               random_flip=cfg.random_flip and pixels, tokenizer=tokenizer)
     if text is not None and not encoded.get("text_encoder"):
-        loader = captions.TextIterator(loader, text)
+        loader = MappedIterator(loader, text.condition_batch)
     loader = MappedIterator(loader, lambda batch: {key: batch[key] for key in keep if key in batch})
     first = next(loader)
     if num_classes > 0:
@@ -373,7 +335,7 @@ def build_data(config: RunConfig, workdir: Path, local_batch: int) -> Data:
                                        shuffle=False, num_epochs=1, channels=cfg.channels, tokenizer=tokenizer)
             if codec is not None:
                 it = MappedIterator(it, lambda batch: {**batch, "image": np.asarray(codec.encode(batch["image"]))})
-            return captions.TextIterator(it, text) if text is not None else it
+            return MappedIterator(it, text.condition_batch) if text is not None else it
 
     return Data(source, MappedIterator(loader, None, first), example, num_classes, channels, text, codec, val_data,
                 encoded)

@@ -20,7 +20,7 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Collection, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +41,7 @@ __all__ = [
     "read_run_config",
     "is_run_config",
     "config_differences",
+    "flat_config",
     "load_params",
     "load_run",
     "build_schedule_predictor",
@@ -157,13 +158,35 @@ def read_run_config(ckpt_dir: str | Path, step: int | None = None, run_dir: str 
     return RunConfig.from_dict(raw, f"{ckpt_dir}: ").resolved_paths(run_dir)
 
 
-def config_differences(saved: RunConfig, current: RunConfig) -> list[str]:
-    """Dotted names of the settings that differ, except the run-only ones (``flaxdiff.config.RUN_ONLY``), and
-    except ``train.steps`` / ``train.epochs`` only when the LR schedule does not depend on the run length."""
+def config_differences(saved: RunConfig | Mapping[str, Any], current: RunConfig | Mapping[str, Any],
+                       ignore: Collection[str] = RUN_ONLY) -> list[str]:
+    """Dotted names of the settings that differ, sorted, except those in ``ignore`` (by default the run-only ones,
+    ``flaxdiff.config.RUN_ONLY``: they may change on resume).
+
+    Mappings (a trainer's stored config) are compared leaf by leaf (``flat_config``). Two RunConfigs are compared
+    as runs, setting by setting (``section.field``, in section order): what training resolves from the data
+    matches an unresolved setting, and ``train.steps`` / ``train.epochs`` count when the LR schedule depends on
+    the run length."""
+    depth = None
+    if isinstance(saved, RunConfig):
+        saved, current, ignore, depth = _as_runs(saved, current, ignore)
+    flat_saved, flat_current = flat_config(saved, depth), flat_config(current, depth)
+    missing = object()
+    keys = sorted((set(flat_saved) | set(flat_current)) - set(ignore))
+    diffs = [key for key in keys if flat_saved.get(key, missing) != flat_current.get(key, missing)]
+    if depth is not None:
+        order = list(SECTIONS)
+        diffs.sort(key=lambda key: order.index(key.split(".", 1)[0]))
+    return diffs
+
+
+def _as_runs(saved: RunConfig, current: RunConfig,
+             ignore: Collection[str]) -> tuple[dict[str, Any], dict[str, Any], set[str], int]:
+    """(saved values, current values, ignored names, depth 2) of two RunConfigs, with what training resolves from
+    the data copied from the saved run where the current config leaves it unresolved: data.num_classes / channels /
+    latent_autoencoder / captions null (an encoded dataset brings its own autoencoder and text encoder), and the
+    model options it fills in when absent."""
     saved_values, current_values = saved.to_dict(), current.to_dict()
-    # what training resolves from the data matches an unresolved setting: data.num_classes / channels /
-    # latent_autoencoder / captions null (an encoded dataset brings its own autoencoder and text encoder), and the
-    # model options it fills in when absent
     data = current_values["data"]
     if data["captions"] is None and saved_values["data"]["captions"] is not None:
         # the text conditioning came from the dataset (embeddings precomputed by `flaxdiff data encode`)
@@ -175,17 +198,25 @@ def config_differences(saved: RunConfig, current: RunConfig) -> list[str]:
     for name in RESOLVED_MODEL_OPTIONS:
         if name in saved_values["model"]["options"] and name not in options:
             options[name] = saved_values["model"]["options"][name]
-    ignore = set(RUN_ONLY)
-    train = saved.train
-    if train.lr_decay != "constant" and train.decay_steps == 0:
+    ignore = set(ignore)
+    if saved.train.lr_decay != "constant" and saved.train.decay_steps == 0:
         ignore -= {"train.steps", "train.epochs"}
-    diffs = []
-    for section in SECTIONS:
-        for name in sorted(set(saved_values[section]) | set(current_values[section])):
-            dotted = f"{section}.{name}"
-            if dotted not in ignore and saved_values[section].get(name) != current_values[section].get(name):
-                diffs.append(dotted)
-    return diffs
+    return saved_values, current_values, ignore, 2
+
+
+def flat_config(tree: Any, depth: int | None = None) -> dict[str, Any]:
+    """``{"a.b.c": value}`` of a nested JSON-like config, down to ``depth`` levels (None: every leaf; an empty
+    mapping below the top is a leaf); tuples read as lists."""
+
+    def flat(node: Any, levels: int | None, prefix: str) -> dict[str, Any]:
+        if isinstance(node, Mapping) and (node or not prefix) and (levels is None or levels > 0):
+            out: dict[str, Any] = {}
+            for key, value in node.items():
+                out.update(flat(value, None if levels is None else levels - 1, f"{prefix}{key}."))
+            return out
+        return {prefix[:-1]: node}
+
+    return flat(json.loads(json.dumps(tree)), depth, "")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

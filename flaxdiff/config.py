@@ -19,8 +19,9 @@ them and a checkpoint stores exactly them (``RunConfig.to_dict``), with paths re
 Guidance has one meaning everywhere: ``D = D_uncond + w (D_cond - D_uncond)``; ``w = 1`` is the plain conditional
 model ("no guidance": one forward per step), ``w = 0`` the unconditional model, ``w > 1`` guided.
 
-Every value is checked where it enters (:meth:`RunConfig.from_dict`): types (a string is never a number), finite
-numbers, ranges, registry names. Errors are :class:`ConfigError` (a ``ValueError``) with one line naming the
+Layers resolve as defaults < config file < flags, each merged onto the one below by :meth:`RunConfig.merge`, which
+owns the layering rules and remembers what the user gave (:attr:`RunConfig.given`). Every value is checked where it
+enters: types (a string is never a number), finite numbers, ranges, registry names. Errors are :class:`ConfigError` (a ``ValueError``) with one line naming the
 setting, the bad value and what is accepted.
 """
 from __future__ import annotations
@@ -540,47 +541,66 @@ class RunConfig:
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
     sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
     task: TaskConfig = dataclasses.field(default_factory=TaskConfig)
+    #: Dotted names of the settings a config file or flag gave (recorded by :meth:`merge`; neither saved nor compared).
+    given: frozenset = dataclasses.field(default=frozenset(), compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name).to_dict() for name in SECTIONS}
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], where: str = "") -> "RunConfig":
-        """Sections given in ``values`` override the defaults field by field; unknown names are errors."""
-        if not isinstance(values, Mapping):
-            raise ConfigError(f"{where}expected a mapping of sections {sorted(SECTIONS)}, got {values!r}")
-        unknown = sorted(set(values) - set(SECTIONS))
+        """The defaults with the sections given in ``values`` (a config file) merged in: :meth:`merge`."""
+        return cls.merge(cls(), values, where)
+
+    @classmethod
+    def merge(cls, base: "RunConfig", layer: Mapping[str, Any], where: str = "") -> "RunConfig":
+        """``base`` with the settings that ``layer`` gives, every value checked; unknown names are errors.
+
+        A layer is a partial nested mapping, what one source actually gave (``{"train": {"steps": 10}}``): a
+        config file over the defaults, the command-line flags over the file. Settings merge field by field
+        (an options object is one field), and a layer means what its user means:
+
+        - naming another model preset without model options gives that preset's own config ({}): the base's
+          options belong to the base's preset;
+        - train.steps and train.epochs are exclusive: giving one (not null) clears the other.
+
+        The result remembers the settings given by this layer and by the layers under ``base`` (:attr:`given`).
+        ``where`` (e.g. "--config run.json: ") starts every error line.
+        """
+        if not isinstance(layer, Mapping):
+            raise ConfigError(f"{where}expected a mapping of sections {sorted(SECTIONS)}, got {layer!r}")
+        unknown = sorted(set(layer) - set(SECTIONS))
         if unknown:
             raise ConfigError(f"{where}unknown section {unknown[0]!r}; accepted: {', '.join(SECTIONS)} "
                               f"(settings are nested, e.g. train: {{learning_rate: 0.001}})")
+        values = base.to_dict()
+        given = set(base.given)
         sections = {}
         for name, section_cls in SECTIONS.items():
-            given = values.get(name, {})
-            if not isinstance(given, Mapping):
-                raise ConfigError(f"{where}section {name}: expected a mapping, got {given!r}")
-            defaults = section_cls().to_dict()
-            merged = {**defaults, **dict(given)}
-            if name == "model" and "options" not in given and given.get("name", defaults["name"]) != defaults["name"]:
-                merged["options"] = {}   # the default options belong to the default preset
-            if name == "train" and ("steps" in given) != ("epochs" in given):
-                if given.get("epochs") is not None:
-                    merged["steps"] = None
-                elif given.get("steps") is not None:
-                    merged["epochs"] = None
+            layer_section = layer.get(name, {})
+            if not isinstance(layer_section, Mapping):
+                raise ConfigError(f"{where}section {name}: expected a mapping, got {layer_section!r}")
+            merged = {**values[name], **_cleared_by(name, values[name], layer_section), **dict(layer_section)}
             try:
                 sections[name] = section_cls.from_dict(merged, where)
             except ConfigError as err:
                 if where and not str(err).startswith(where):
                     raise ConfigError(f"{where}{err}") from None
                 raise
-        return cls(**sections)
+            given.update(f"{name}.{key}" for key in layer_section)
+        return cls(**sections, given=frozenset(given))
 
     def replace(self, **changes: Mapping[str, Any]) -> "RunConfig":
-        """A copy with some fields of some sections changed: ``config.replace(train={"steps": 10})``."""
+        """A copy with some fields of some sections changed: ``config.replace(train={"steps": 10})``. The changes
+        are the program's, not the user's: :attr:`given` stays as it was (and no layering rule applies)."""
         values = self.to_dict()
         for section, fields in changes.items():
             values[section] = {**values[section], **dict(fields)}
-        return RunConfig.from_dict(values)
+        return self._rebuilt(values)
+
+    def _rebuilt(self, values: Mapping[str, Any]) -> "RunConfig":
+        """``values`` (every field of every section) checked, remembering this config's :attr:`given`."""
+        return dataclasses.replace(RunConfig.from_dict(values), given=self.given)
 
     def get(self, dotted: str) -> Any:
         section, name = dotted.split(".", 1)
@@ -596,7 +616,7 @@ class RunConfig:
             value = values[section][name]
             if value is not None and is_path_setting(dotted, value):
                 values[section][name] = fn(value)
-        return RunConfig.from_dict(values)
+        return self._rebuilt(values)
 
     def resolved_paths(self, base: str | Path) -> "RunConfig":
         """Relative paths resolved against ``base`` (absolute paths kept)."""
@@ -607,6 +627,18 @@ class RunConfig:
         """Absolute paths written relative to ``base`` (so a run directory can move with what it depends on)."""
         base = Path(base).expanduser().absolute()
         return self.map_paths(lambda p: os.path.relpath(Path(p).expanduser().absolute(), base))
+
+
+def _cleared_by(section: str, base: Mapping[str, Any], layer: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings of ``base`` (one section) that the layer clears: the rules of :meth:`RunConfig.merge`."""
+    if section == "model" and "options" not in layer and layer.get("name", base["name"]) != base["name"]:
+        return {"options": {}}
+    if section == "train" and ("steps" in layer) != ("epochs" in layer):
+        if layer.get("epochs") is not None:
+            return {"steps": None}
+        if layer.get("steps") is not None:
+            return {"epochs": None}
+    return {}
 
 
 def is_path_setting(dotted: str, value: str) -> bool:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +24,7 @@ import numpy as np
 
 from flaxdiff.data.sources import ArraySource
 
-__all__ = ["DIGIT_WORDS", "MNIST_TEMPLATES", "NULL_TEXT_COND", "TextConditioner", "TextIterator",
+__all__ = ["DIGIT_WORDS", "MNIST_TEMPLATES", "NULL_TEXT_COND", "TextConditioner",
            "digit_caption", "mnist_captions", "preview_prompts", "tokenize_caption", "with_captions"]
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -138,32 +138,16 @@ class TextConditioner:
         ids, _ = tokenize(list(texts), self.max_len)
         return self.from_ids(jnp.asarray(ids))
 
+    def condition_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """A batch with ``tokens`` (from ``make_loader(tokenizer=...)``) as ``{"image", "text", "text_mask",
+        "pooled"}`` (labels and caption strings dropped); map a loader with
+        ``flaxdiff.data.pipeline.MappedIterator(loader, conditioner.condition_batch)``."""
+        cond = self.from_ids(jnp.asarray(batch["tokens"]))
+        return {"image": batch["image"], **{k: np.asarray(v) for k, v in cond.items()}}
+
     def tokenizer(self) -> Any:
         """The per-example tokenizer for :func:`flaxdiff.data.make_loader` (``tokenizer=``)."""
         return functools.partial(tokenize_caption, max_len=self.max_len)
-
-
-class TextIterator:
-    """Wraps a loader of batches with ``tokens`` (from ``make_loader(tokenizer=...)``): the batch becomes
-    ``{"image", "text", "text_mask", "pooled"}`` (labels and caption strings dropped); keeps get/set_state."""
-
-    def __init__(self, iterator: Iterator[dict[str, Any]], conditioner: TextConditioner) -> None:
-        self.iterator = iterator
-        self.conditioner = conditioner
-
-    def __iter__(self) -> "TextIterator":
-        return self
-
-    def __next__(self) -> dict[str, Any]:
-        batch = next(self.iterator)
-        cond = self.conditioner.from_ids(jnp.asarray(batch["tokens"]))
-        return {"image": batch["image"], **{k: np.asarray(v) for k, v in cond.items()}}
-
-    def get_state(self) -> Any:
-        return self.iterator.get_state()
-
-    def set_state(self, state: Any) -> None:
-        self.iterator.set_state(state)
 
 
 def preview_prompts(source: Any, per_prompt: int, count: int = 10) -> list[str]:

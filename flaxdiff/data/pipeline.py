@@ -5,6 +5,9 @@ JSON blob: ``state = it.get_state()`` / ``it.set_state(state)`` (restore into a 
 iterator of an identically built loader), or save it with orbax through
 ``grain.python.PyGrainCheckpointSave(it)`` / ``PyGrainCheckpointRestore(it)``.
 
+:class:`MappedIterator` applies a function to every batch of such an iterator (text conditioning, selecting keys,
+encoding latents) and keeps that position, so a checkpoint of the mapped stream resumes exactly.
+
 Sharding: with ``shard_count=None`` each JAX process reads shard
 ``jax.process_index()`` of ``jax.process_count()`` (``grain.sharding.ShardByJaxProcess``);
 shards are disjoint contiguous index ranges before shuffling, so the processes of one
@@ -13,7 +16,7 @@ run never see the same example within an epoch.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import grain
 
@@ -100,6 +103,34 @@ def make_loader(
                 source, len(source), batch_size_per_process,
                 "infinite" if num_epochs is None else num_epochs, worker_count)
     return iter(loader)
+
+
+class MappedIterator:
+    """``fn(batch)`` of every batch of ``iterator`` (the batch itself when ``fn`` is None), keeping its
+    ``get_state`` / ``set_state`` (the data position saved in checkpoints). ``first``, a batch already drawn and
+    mapped, is returned before the rest; ``set_state`` drops it (the restored position decides what comes next)."""
+
+    def __init__(self, iterator: Iterator[Any], fn: Callable[[Any], Any] | None = None, first: Any = None) -> None:
+        self.iterator = iterator
+        self.fn = fn
+        self._first = first
+
+    def __iter__(self) -> "MappedIterator":
+        return self
+
+    def __next__(self) -> Any:
+        if self._first is not None:
+            batch, self._first = self._first, None
+            return batch
+        batch = next(self.iterator)
+        return self.fn(batch) if self.fn is not None else batch
+
+    def get_state(self) -> Any:
+        return self.iterator.get_state()
+
+    def set_state(self, state: Any) -> None:
+        self._first = None
+        self.iterator.set_state(state)
 
 
 def _mark_absl_flags_parsed() -> None:

@@ -135,7 +135,10 @@ def diffusion_settings(scheduler: Any) -> dict[str, Any]:
 def resolve_config(config: RunConfig) -> RunConfig:
     """For a run with ``model.pretrained``: the diffusion section filled in from the pipeline's scheduler, after
     checking (from JSON files only, before anything expensive) the directory, the pipeline class, the image size
-    and that no diffusion setting was given that contradicts the pipeline. Other runs are returned unchanged."""
+    and that no diffusion setting was given that contradicts the pipeline. A fine-tuning run guides at every noise
+    level (sample.guidance_interval null) unless the user gave sample.guidance_interval (``config.given``, recorded
+    by :meth:`RunConfig.merge`): the default interval was measured on the MNIST main job. Other runs are returned
+    unchanged."""
     if config.model.pretrained is None:
         return config
     if config.task.name != "diffusion":
@@ -161,7 +164,8 @@ def resolve_config(config: RunConfig) -> RunConfig:
         raise ConfigError(f"data.image_size {size} is not divisible by {info.pixel_multiple} (VAE factor "
                           f"{info.vae_factor} x U-Net downsampling {info.denoiser_config.downsample_factor}) of "
                           f"model.pretrained {config.model.pretrained}")
-    return config.replace(diffusion=wanted)
+    sample = {} if "sample.guidance_interval" in config.given else {"guidance_interval": None}
+    return config.replace(diffusion=wanted, sample=sample)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from etils import epath
 from orbax.checkpoint import checkpoint_managers
 
 from flaxdiff import losses, predictors, schedules
+from flaxdiff.checkpoints import config_differences, flat_config
 from flaxdiff.training.config import RUN_ONLY_KEYS, TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -96,35 +97,14 @@ class DataStateRestore(ocp.args.CheckpointArgs):
 # Config comparison
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, Mapping):
-        out: dict[str, Any] = {}
-        for key, value in tree.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
-        if not tree and prefix:
-            out[prefix[:-1]] = {}
-        return out
-    if isinstance(tree, tuple):
-        tree = list(tree)
-    return {prefix[:-1]: tree}
-
-
-def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """Dotted keys whose values differ (run-only training settings such as log intervals are ignored)."""
+def check_config(saved: Mapping[str, Any], current: Mapping[str, Any], directory: str | Path = "") -> None:
+    """Raise ValueError naming every differing key (``flaxdiff.checkpoints.config_differences``, run-only
+    training settings such as log intervals ignored), with both values."""
     from flaxdiff.config import RUN_ONLY
 
-    ignore = {f"train.{key}" for key in RUN_ONLY_KEYS} | set(RUN_ONLY)
-    flat_saved = _flatten(json.loads(json.dumps(saved)))
-    flat_current = _flatten(json.loads(json.dumps(current)))
-    keys = sorted((set(flat_saved) | set(flat_current)) - ignore)
-    return [key for key in keys if flat_saved.get(key, "<missing>") != flat_current.get(key, "<missing>")]
-
-
-def check_config(saved: Mapping[str, Any], current: Mapping[str, Any], directory: str | Path = "") -> None:
-    """Raise ValueError naming every differing key, with both values."""
-    diffs = config_differences(saved, current)
+    diffs = config_differences(saved, current, ignore={f"train.{key}" for key in RUN_ONLY_KEYS} | set(RUN_ONLY))
     if diffs:
-        flat_saved, flat_current = _flatten(json.loads(json.dumps(saved))), _flatten(json.loads(json.dumps(current)))
+        flat_saved, flat_current = flat_config(saved), flat_config(current)
         missing = "<missing>"
         detail = "; ".join(f"{k}: checkpoint={flat_saved.get(k, missing)!r} vs now={flat_current.get(k, missing)!r}"
                            for k in diffs)
