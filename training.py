@@ -158,10 +158,10 @@ def resolve_config(argv: list[str] | None = None) -> tuple[RunConfig, argparse.N
         config = RunConfig.merge(config, layer).resolved_paths(Path.cwd())
         if config.model.pretrained is not None:
             # a pretrained diffusers denoiser: its architecture and diffusion come from its directory
-            given = sorted(key for key in ("model.name", "model.options") if key in flags)
-            if flags.get("model.pretrained") and given:
-                raise ConfigError(f"--model.pretrained and --{given[0]} conflict: the pretrained diffusers denoiser "
-                                  f"brings its own architecture; drop --{given[0]}")
+            architecture = sorted(key for key in ("model.name", "model.options") if key in flags)
+            if flags.get("model.pretrained") and architecture:
+                raise ConfigError(f"--model.pretrained and --{architecture[0]} conflict: the pretrained diffusers "
+                                  f"denoiser brings its own architecture; drop --{architecture[0]}")
             from flaxdiff.interop import diffusers_finetune
 
             config = diffusers_finetune.resolve_config(config)

@@ -542,7 +542,7 @@ class RunConfig:
     sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
     task: TaskConfig = dataclasses.field(default_factory=TaskConfig)
     #: Dotted names of the settings a config file or flag gave (recorded by :meth:`merge`; neither saved nor compared).
-    given: frozenset = dataclasses.field(default=frozenset(), compare=False, repr=False)
+    given: frozenset[str] = dataclasses.field(default=frozenset(), compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name).to_dict() for name in SECTIONS}
