@@ -279,11 +279,12 @@ class DiffusersPipeline:
         if sampler is None:
             sampler_options = {**self.scheduler.sampler_options(steps), **sampler_options}
         from flaxdiff import samplers as samplers_lib
+        from flaxdiff.training.parallel import shard_rows
 
         stochastic = samplers_lib.get(chosen, **sampler_options).stochastic
-        noise, cond, sampler_keys = self._shard_rows(count, noise, cond, sampler_keys)
+        (noise, cond, sampler_keys), _ = shard_rows((noise, cond, sampler_keys), self.mesh)
         if null_cond is not None and jax.tree_util.tree_leaves(null_cond)[0].shape[0] == count:
-            (null_cond,) = self._shard_rows(count, null_cond)
+            null_cond, _ = shard_rows(null_cond, self.mesh)
         out = sample(self._model_fn(), self.scheduler, noise, steps, cond, params=self.params, sampler=chosen,
                      grid=grid_obj, sample_keys=sampler_keys if stochastic else None,
                      guidance_scale=guidance_scale if guided else None, null_cond=null_cond,
@@ -292,24 +293,6 @@ class DiffusersPipeline:
         if output == "latents":
             return np.asarray(out)
         return self.decode(out)
-
-    def _shard_rows(self, count: int, *trees: Any) -> tuple[Any, ...]:
-        """Split the image rows of every tree over the mesh: rows padded (last row repeated) to a multiple of the
-        device count, dim 0 sharded over ("data", "fsdp"); unchanged without a mesh."""
-        if self.mesh is None or self.mesh.size == 1:
-            return trees
-        from flaxdiff.training.parallel import batch_sharding
-
-        pad = -count % self.mesh.size
-        sharding = batch_sharding(self.mesh)
-
-        def place(leaf: Any) -> Any:
-            leaf = jnp.asarray(leaf) if not isinstance(leaf, jax.Array) else leaf
-            if pad:
-                leaf = jnp.concatenate([leaf, jnp.repeat(leaf[-1:], pad, axis=0)], axis=0)
-            return jax.device_put(leaf, sharding)
-
-        return tuple(jax.tree_util.tree_map(place, tree) for tree in trees)
 
     def training_parts(self, height: int | None = None, width: int | None = None) -> dict[str, Any]:
         """What ``flaxdiff.losses.diffusion_loss`` (and the trainer's loss object) needs to fine-tune the denoiser:

@@ -13,6 +13,7 @@ import threading
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -182,17 +183,38 @@ def check_global_batch(global_batch: int, mesh: Mesh, grad_accum_steps: int = 1)
         )
 
 
-def make_global_batch(local_batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
+def make_global_batch(local_batch: Mapping[str, Any], mesh: Mesh, grad_accum_steps: int = 1
+                      ) -> dict[str, jax.Array]:
     """Assemble global arrays from this process's rows (``jax.make_array_from_process_local_data``).
 
     Every process passes its own ``batch_size_per_process`` rows; the global batch is their concatenation in
-    process order, sharded on dim 0 over ("data", "fsdp").
+    process order, sharded on dim 0 over ("data", "fsdp"). Its B_local x process_count rows must split over the
+    devices x ``grad_accum_steps`` micro-batches (:func:`check_global_batch`).
     """
     sharding = batch_sharding(mesh)
     out = {}
     for name, value in local_batch.items():
         value = np.asarray(value)
         global_rows = value.shape[0] * jax.process_count()
-        check_global_batch(global_rows, mesh)
+        check_global_batch(global_rows, mesh, grad_accum_steps)
         out[name] = jax.make_array_from_process_local_data(sharding, value, (global_rows,) + value.shape[1:])
     return out
+
+
+def shard_rows(tree: Any, mesh: Mesh | None) -> tuple[Any, int]:
+    """``(tree placed on the mesh, pad)`` for inference on rows held by this process: dim 0 of every leaf is padded
+    with ``pad = -B % devices`` copies of its last row (B = rows of the first leaf) and split over ("data", "fsdp").
+    Without a mesh or on one device the tree is returned as it is, with pad 0; drop the last ``pad`` output rows."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    if mesh is None or mesh.size == 1 or not leaves:
+        return tree, 0
+    pad = -np.shape(leaves[0])[0] % mesh.size
+    sharding = batch_sharding(mesh)
+
+    def place(leaf: Any) -> jax.Array:
+        leaf = leaf if isinstance(leaf, jax.Array) else jnp.asarray(leaf)
+        if pad:
+            leaf = jnp.concatenate([leaf, jnp.repeat(leaf[-1:], pad, axis=0)], axis=0)
+        return jax.device_put(leaf, sharding)
+
+    return jax.tree_util.tree_map(place, tree), pad

@@ -317,9 +317,7 @@ class Trainer:
 
     def global_batch(self, local_batch: Batch) -> dict[str, Array]:
         """This process's rows -> global arrays on the mesh (checks divisibility by devices x grad_accum_steps)."""
-        first = np.shape(next(iter(local_batch.values())))[0] * jax.process_count()
-        parallel.check_global_batch(first, self.mesh, self.config.grad_accum_steps)
-        return parallel.make_global_batch(local_batch, self.mesh)
+        return parallel.make_global_batch(local_batch, self.mesh, self.config.grad_accum_steps)
 
     def train_step(self, local_batch: Batch) -> dict[str, Array]:
         """One update on this process's rows; returns the (device) metrics without waiting for them."""

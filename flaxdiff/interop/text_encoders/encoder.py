@@ -229,15 +229,11 @@ class PretrainedTextEncoder(TextConditioner):
         ids = jnp.asarray(ids, jnp.int32)
         if ids.ndim != 2 or ids.shape[1] != self.max_len:
             raise ValueError(f"token ids have shape {tuple(ids.shape)}; expected (B, {self.max_len})")
-        rows = ids.shape[0]
-        if self.mesh is None or self.mesh.size == 1:
-            return self._jitted(self.params, ids)
-        from flaxdiff.training.parallel import batch_sharding
+        from flaxdiff.training.parallel import shard_rows
 
-        pad = -rows % self.mesh.size
-        if pad:
-            ids = jnp.concatenate([ids, jnp.repeat(ids[-1:], pad, axis=0)], axis=0)
-        out = self._jitted(self.params, jax.device_put(ids, batch_sharding(self.mesh)))
+        rows = ids.shape[0]
+        ids, pad = shard_rows(ids, self.mesh)
+        out = self._jitted(self.params, ids)
         return {key: value[:rows] for key, value in out.items()} if pad else out
 
     def outputs(self, ids: Any, attention_mask: Any = None) -> dict[str, Any]:
