@@ -150,3 +150,18 @@ def test_pretrained_runs_guide_everywhere_unless_the_interval_was_given(tmp_path
                                                                                          [0.5, 2.0]):
         assert training.main([*argv, *extra]) == 0
         assert json.loads(capsys.readouterr().out)["sample"]["guidance_interval"] == interval
+
+
+def test_a_pretrained_run_refuses_an_architecture(tmp_path, capsys):
+    """Another architecture is refused by the model section; a flag giving even the default one by the flags."""
+    pipe = str(_dit_pipeline(tmp_path / "dit"))
+    for flags, message in ((["--model-config", '{"depth": 1}'], "model.pretrained and model.options conflict: the "
+                            "pretrained diffusers denoiser brings its own architecture; leave model.options unset"),
+                           (["--model", "dit"], "--model.pretrained and --model.name conflict: the pretrained "
+                            "diffusers denoiser brings its own architecture; drop --model.name")):
+        with pytest.raises(SystemExit) as exit_info:
+            training.main(["--pretrained", pipe, "--image-size", "8", *flags, "--print-config"])
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err == f"training.py: error: {message}\n"
+    with pytest.raises(ConfigError, match=r"^model.pretrained and model.name 'unet-tiny' conflict: "):
+        RunConfig.merge(DEFAULTS, {"model": {"pretrained": pipe, "name": "unet-tiny"}})
