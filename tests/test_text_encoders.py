@@ -45,18 +45,24 @@ def _one_torch_thread():
     torch.set_num_threads(previous)
 
 
+def _model_dirs(root, write_model, variants):
+    """``{name: (directory, torch reference)}``: one directory per variant holding the tiny CLIP tokenizer files and
+    ``write_model(directory, vocab, **kwargs)``."""
+    vocab = tm.write_clip_tokenizer(root / "tokenizer")
+    out = {}
+    for name, kwargs in variants.items():
+        directory = root / name
+        shutil.copytree(root / "tokenizer", directory)
+        out[name] = (directory, write_model(directory, vocab, **kwargs))
+    return out
+
+
 @pytest.fixture(scope="module")
 def clip_dirs(tmp_path_factory):
     """Tokenizer files + three tiny CLIP text models: plain (quick_gelu), with projection (gelu), legacy eos=2."""
-    root = tmp_path_factory.mktemp("clip")
-    vocab = tm.write_clip_tokenizer(root / "tokenizer")
-    out = {}
-    for name, kwargs in {"plain": dict(projection=False), "proj": dict(projection=True, hidden_act="gelu"),
-                         "legacy": dict(projection=False, legacy_eos=True)}.items():
-        directory = root / name
-        shutil.copytree(root / "tokenizer", directory)
-        out[name] = (directory, tm.write_clip_model(directory, vocab, **kwargs))
-    return out
+    return _model_dirs(tmp_path_factory.mktemp("clip"), tm.write_clip_model, {
+        "plain": dict(projection=False), "proj": dict(projection=True, hidden_act="gelu"),
+        "legacy": dict(projection=False, legacy_eos=True)})
 
 
 @pytest.mark.parametrize("name", ["plain", "proj", "legacy"])
@@ -317,15 +323,9 @@ def test_t5_xxl_layout_matches_transformers():
 
 @pytest.fixture(scope="module")
 def openclip_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("openclip")
-    vocab = tm.write_clip_tokenizer(root / "tokenizer")
-    out = {}
-    for name, kwargs in {"plain": {}, "quick_ls": dict(quick_gelu=True, ls_init_value=0.5),
-                         "bidirectional": dict(no_causal_mask=True, pool_type="last", proj_bias=True)}.items():
-        directory = root / name
-        shutil.copytree(root / "tokenizer", directory)
-        out[name] = (directory, tm.write_openclip(directory, vocab, **kwargs))
-    return out
+    return _model_dirs(tmp_path_factory.mktemp("openclip"), tm.write_openclip, {
+        "plain": {}, "quick_ls": dict(quick_gelu=True, ls_init_value=0.5),
+        "bidirectional": dict(no_causal_mask=True, pool_type="last", proj_bias=True)})
 
 
 @pytest.mark.parametrize("name", ["plain", "quick_ls", "bidirectional"])
