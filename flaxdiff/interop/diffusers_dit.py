@@ -19,7 +19,6 @@ Key map: the scheme of :mod:`~flaxdiff.interop.diffusers_unet` (``flax_path_to_t
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -29,7 +28,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors.numpy import save_file
 
 from flaxdiff.interop import diffusers_unet as du
 from flaxdiff.interop import torch_weights
@@ -296,8 +294,5 @@ def load_diffusers_dit(path: str | Path, dtype: str = "float32"
 
 def save_diffusers_dit(out_dir: str | Path, params: Mapping[str, Any], config: DiTConfig) -> Path:
     """Write ``config.json`` + ``diffusion_pytorch_model.safetensors`` for ``DiTTransformer2DModel.from_pretrained``."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(to_torch_state_dict(params, config), str(out_dir / du.WEIGHTS_FILE), metadata={"format": "pt"})
-    (out_dir / du.CONFIG_FILE).write_text(json.dumps(diffusers_config_from_dit(config), indent=2))
-    return out_dir
+    return torch_weights.save_model_dir(out_dir, du.WEIGHTS_FILE, to_torch_state_dict(params, config), du.CONFIG_FILE,
+                                        diffusers_config_from_dit(config))

@@ -39,7 +39,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 
 from flaxdiff.interop import torch_weights
 
@@ -613,8 +613,5 @@ def load_diffusers_unet(path: str | Path, dtype: str = "float32"
 def save_diffusers_unet(out_dir: str | Path, params: Mapping[str, Any], config: UNet2DConditionConfig) -> Path:
     """Write ``config.json`` + ``diffusion_pytorch_model.safetensors`` that diffusers'
     ``UNet2DConditionModel.from_pretrained(out_dir)`` loads; returns ``out_dir``."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(to_torch_state_dict(params, config), str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
-    (out_dir / CONFIG_FILE).write_text(json.dumps(diffusers_config_from_unet(config), indent=2))
-    return out_dir
+    return torch_weights.save_model_dir(out_dir, WEIGHTS_FILE, to_torch_state_dict(params, config), CONFIG_FILE,
+                                        diffusers_config_from_unet(config))

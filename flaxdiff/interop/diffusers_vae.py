@@ -30,7 +30,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 
 from flaxdiff.interop import safetensors_io, torch_weights
 from flaxdiff.models.autoencoder import AutoencoderConfig, AutoencoderKL
@@ -248,11 +248,8 @@ def load_diffusers_autoencoder(path: str | Path, weights_path: str | Path | None
 def save_diffusers_autoencoder(out_dir: str | Path, params: Mapping[str, Any], config: AutoencoderConfig) -> Path:
     """Write ``config.json`` + ``diffusion_pytorch_model.safetensors`` that diffusers'
     ``AutoencoderKL.from_pretrained(out_dir)`` loads; returns ``out_dir``."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(to_diffusers_state_dict(params, config), str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
-    (out_dir / CONFIG_FILE).write_text(json.dumps(diffusers_config_from_autoencoder(config), indent=2))
-    return out_dir
+    return torch_weights.save_model_dir(out_dir, WEIGHTS_FILE, to_diffusers_state_dict(params, config), CONFIG_FILE,
+                                        diffusers_config_from_autoencoder(config))
 
 
 def _check_params(params: Mapping[str, Any], config: AutoencoderConfig, source: str) -> None:

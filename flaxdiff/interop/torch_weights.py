@@ -14,15 +14,18 @@ whose "dense" kind is the same "dense" layout here.
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors.numpy import save_file
 
 from flaxdiff.interop import safetensors_io
 
 __all__ = ["DiffusersKeyMap", "LAYOUTS", "convert_state_dict", "export_state_dict", "key_map_from_shapes",
-           "layout_of", "to_flax_layout", "to_torch_layout", "torch_shape"]
+           "layout_of", "save_model_dir", "to_flax_layout", "to_torch_layout", "torch_shape"]
 
 #: torch key -> (flax path, layout, flax shape).
 DiffusersKeyMap = dict[str, tuple[tuple[str, ...], str, tuple[int, ...]]]
@@ -123,3 +126,15 @@ def export_state_dict(params: Mapping[str, Any], key_map: Mapping[str, tuple[tup
             raise ValueError(f"{what} param {path} has shape {value.shape}, expected {shape}")
         out[key] = np.ascontiguousarray(to_torch_layout(value, layout))
     return out
+
+
+def save_model_dir(out_dir: str | Path, weights_name: str, state: Mapping[str, Any], config_name: str,
+                   config_values: Mapping[str, Any]) -> Path:
+    """Write ``out_dir/weights_name`` (a torch state dict as safetensors, metadata format=pt, as
+    ``from_pretrained`` reads it) and ``out_dir/config_name`` (JSON); returns ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file({key: np.ascontiguousarray(np.asarray(value)) for key, value in state.items()},
+              str(out_dir / weights_name), metadata={"format": "pt"})
+    (out_dir / config_name).write_text(json.dumps(config_values, indent=2))
+    return out_dir

@@ -37,6 +37,7 @@ from safetensors.numpy import save_file
 
 from flaxdiff.interop import torch_weights
 from flaxdiff.interop.safetensors_io import flatten_tree, unflatten_tree
+from flaxdiff.interop.torch_weights import save_model_dir
 
 logger = logging.getLogger(__name__)
 
@@ -87,17 +88,6 @@ def write_safetensors_file(path: str | Path, arrays: Mapping[str, Any],
     """Write ``{name: array}`` with ``safetensors.numpy.save_file`` (ml_dtypes bfloat16 is stored as BF16)."""
     save_file({name: np.ascontiguousarray(np.asarray(value)) for name, value in arrays.items()}, str(path),
               metadata=dict(metadata) if metadata else None)
-
-
-def save_model_dir(out_dir: str | Path, weights_name: str, state: Mapping[str, Any], config_name: str,
-                   config_values: Mapping[str, Any]) -> Path:
-    """Write ``out_dir/weights_name`` (a torch state dict as safetensors, metadata format=pt) and
-    ``out_dir/config_name`` (JSON); returns ``out_dir``."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_safetensors_file(out_dir / weights_name, state, {"format": "pt"})
-    (out_dir / config_name).write_text(json.dumps(config_values, indent=2))
-    return out_dir
 
 
 def param_shapes_of(module: Any, ids_shape: tuple[int, int]) -> dict[str, tuple[int, ...]]:
