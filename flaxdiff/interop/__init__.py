@@ -4,6 +4,8 @@ safetensors export/import of any flaxdiff model with its JSON config.
 - :func:`load_autoencoder` (a diffusers VAE dir, a flaxdiff export dir or a training checkpoint dir)
   -> ``(module, params, config)``;
 - :mod:`~flaxdiff.interop.diffusers_vae`: the explicit torch <-> flax key and layout map, loading and saving;
+- :mod:`~flaxdiff.interop.torch_weights`: the torch <-> flax array layouts (conv, dense, vector) and the key-map
+  conversion every port (VAE, U-Net, DiT, text encoders) shares;
 - :func:`load_text_encoder` (a transformers CLIP / T5, diffusers ``text_encoder*/`` or OpenCLIP dir) -> a frozen
   encoder with ``encode(prompts) -> {"text", "text_mask", "pooled"}``; see :mod:`~flaxdiff.interop.text_encoders`;
 - :mod:`~flaxdiff.interop.safetensors_io`: :func:`export_params`, :func:`import_params`, :func:`load_model`,
