@@ -24,9 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-
-def load() -> str:
-    return ", ".join(f"{v:.2f}" for v in os.getloadavg())
+from _common import load_text
 
 
 def write_images(root: Path, count: int, size: int) -> None:
@@ -96,7 +94,7 @@ def main() -> None:
     from flaxdiff import data
     from flaxdiff.data import arrayrecord
 
-    print(f"{os.cpu_count()} CPU cores ({platform.machine()}), load average {load()} at start", flush=True)
+    print(f"{os.cpu_count()} CPU cores ({platform.machine()}), load average {load_text()} at start", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         (root / "png").mkdir()
@@ -120,7 +118,7 @@ def main() -> None:
     rate = train_step_rate(args.batch, size, args.steps, args.step_channels)
     label = f"train step (unet-tiny, {size}x{size}x{args.step_channels})"
     print(f"{label:32s} {'-':>7s} {rate:10.0f}")
-    print(f"load average {load()} at end")
+    print(f"load average {load_text()} at end")
 
 
 if __name__ == "__main__":

@@ -26,13 +26,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+from _common import load_text  # noqa: E402
+
 
 def environment_line() -> str:
     import flax
     import jax
     import torch
 
-    load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    load = load_text()
     return (f"environment: python {platform.python_version()}, jax {jax.__version__}, flax {flax.__version__}, "
             f"torch {torch.__version__} ({torch.get_num_threads()} threads), {os.cpu_count()} CPU cores, "
             f"load average {load}")

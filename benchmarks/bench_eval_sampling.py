@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -22,6 +21,8 @@ import jax
 import numpy as np
 
 from flaxdiff.pipeline import Pipeline
+
+from _common import load_average
 
 
 def training_images_per_s(run_dir: Path) -> float | None:
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = pipe.sample.to_dict()
     result = {"run_dir": str(args.run_dir), "images": int(len(labels)), "batch_size": args.batch_size,
               "sample": settings, "repeats": rows, "training_images_per_s": training_images_per_s(args.run_dir),
-              "load_average": os.getloadavg(), "devices": [str(d) for d in jax.devices()]}
+              "load_average": load_average(), "devices": [str(d) for d in jax.devices()]}
     print(f"sample settings: {settings}")
     for row in rows:
         print(f"repeat {row['repeat']}: {row['seconds']:.2f} s, {row['images_per_s']:.1f} images/s, "

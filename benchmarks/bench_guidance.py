@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
@@ -20,6 +19,8 @@ import numpy as np
 
 from flaxdiff import metrics
 from flaxdiff.pipeline import Pipeline
+
+from _common import load_text
 
 
 def parse_setting(text: str) -> dict:
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{shown:>14} {100 * scores['class_accuracy']:6.1f} {scores['frechet_distance']:7.1f} {seconds:6.1f}",
               flush=True)
         rows.append({**setting, **scores, "seconds": seconds})
-    print(f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print(f"load average {load_text(' ')}")
     if args.json:
         args.json.write_text(json.dumps({"run": str(args.run_dir), "step": pipe.step, "per_class": args.per_class,
                                          "seed": args.seed, "ema": not args.no_ema, "rows": rows}, indent=2) + "\n")

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from flaxdiff import models
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import load_text  # noqa: E402
 from bench_train import MODELS, matmul_peak  # noqa: E402
 
 HEAVY = ("conv_general_dilated", "dot_general")
@@ -133,7 +134,7 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown model(s) {unknown}; choose from {sorted(MODELS)}")
     print(f"environment: python {platform.python_version()}, jax {jax.__version__}, {os.cpu_count()} CPU cores "
-          f"({platform.machine()}), load average {os.getloadavg()[0]:.2f}", flush=True)
+          f"({platform.machine()}), load average {load_text(count=1)}", flush=True)
     peak = matmul_peak()
     print(f"jitted float32 matmul peak: {peak / 1e9:.1f} GFLOP/s", flush=True)
     results = []
@@ -152,7 +153,7 @@ def main() -> None:
             print(f"    slowest: {op['kind']} {shapes} x{op['count']}: {op['seconds']:.3f} s forward+backward, "
                   f"{op['gflops']:.1f} GFLOP/s", flush=True)
     peak_end = matmul_peak()
-    print(f"matmul peak re-measured at the end: {peak_end / 1e9:.1f} GFLOP/s (load {os.getloadavg()[0]:.2f})")
+    print(f"matmul peak re-measured at the end: {peak_end / 1e9:.1f} GFLOP/s (load {load_text(count=1)})")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
             json.dump({"matmul_peak_gflops": peak / 1e9, "matmul_peak_end_gflops": peak_end / 1e9,

@@ -20,22 +20,20 @@ import sys
 import time
 from pathlib import Path
 
+from _common import load_text
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def load() -> str:
-    return " ".join(f"{v:.2f}" for v in os.getloadavg())
-
-
 def timed(command: list[str], log: Path) -> tuple[float, str, str]:
-    before = load()
+    before = load_text(' ')
     start = time.perf_counter()
     with log.open("w") as out:
         code = subprocess.run(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT).returncode
     wall = time.perf_counter() - start
     if code != 0:
         raise SystemExit(f"{' '.join(command)} exited with {code}; see {log}")
-    return wall, before, load()
+    return wall, before, load_text(' ')
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         baseline = args.baseline.resolve()
         shown = baseline.relative_to(REPO) if baseline.is_relative_to(REPO) else baseline
         jobs.append(("baseline", ["--config", str(shown)]))   # training.py runs in the repository
-    print(f"python {platform.python_version()}, {os.cpu_count()} cores, load average {load()}")
+    print(f"python {platform.python_version()}, {os.cpu_count()} cores, load average {load_text(' ')}")
     rows = []
     for name, flags in jobs:
         run_dir = args.root / name
@@ -79,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
               f" interval={row.get('guidance_interval')}")
     if len(rows) == 2:
         print(f"wall-time ratio default / baseline: {rows[0]['wall_s'] / rows[1]['wall_s']:.3f}")
-    print(f"load average {load()}")
+    print(f"load average {load_text(' ')}")
     if args.json:
         args.json.write_text(json.dumps({"per_class": args.per_class, "rows": rows}, indent=2) + "\n")
     return 0

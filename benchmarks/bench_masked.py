@@ -29,6 +29,8 @@ from flaxdiff import losses, models, objectives, predictors, schedules
 from flaxdiff.data import sources
 from flaxdiff.training import TrainConfig, Trainer
 
+from _common import load_average
+
 
 def mnist_batch(batch: int) -> dict[str, np.ndarray]:
     """The first ``batch`` bundled MNIST training digits, padded to 32x32, in [-1, 1], with labels."""
@@ -37,10 +39,6 @@ def mnist_batch(batch: int) -> dict[str, np.ndarray]:
     images = np.stack([row["image"] for row in rows]).astype(np.float32) / 127.5 - 1.0
     images = np.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0)), constant_values=-1.0)
     return {"image": images, "label": np.asarray([row["label"] for row in rows], np.int32)}
-
-
-def load() -> list[float]:
-    return [round(v, 2) for v in os.getloadavg()]
 
 
 def time_variant(name: str, overrides: dict, batch: dict[str, np.ndarray], steps: int) -> dict:
@@ -63,7 +61,7 @@ def time_variant(name: str, overrides: dict, batch: dict[str, np.ndarray], steps
         losses_seen.append(float(metrics["loss"]))
     trainer.close()
     return {"variant": name, "params": params, "batch": len(batch["image"]), "step_time_s": float(np.median(times)),
-            "first_step_s": compile_s, "loss_last": losses_seen[-1], "load_avg": load(), **overrides}
+            "first_step_s": compile_s, "loss_last": losses_seen[-1], "load_avg": [round(v, 2) for v in load_average()], **overrides}
 
 
 def main() -> None:

@@ -32,6 +32,8 @@ import sys
 import time
 from pathlib import Path
 
+from _common import load_average, load_text
+
 REPO = Path(__file__).resolve().parent.parent
 
 EDM = ["--schedule", "edm", "--predictor", "edm", "--time-sampler", "edm_lognormal", "--weighting", "edm"]
@@ -81,7 +83,7 @@ def run_variant(name: str, args: argparse.Namespace, marks: list[float]) -> dict
     rate = (steady[-1]["step"] - steady[0]["step"]) / (steady[-1]["train/elapsed_s"] - steady[0]["train/elapsed_s"])
     steps = max(args.every, int(rate * (marks[-1] * 60 - compile_s)) // args.every * args.every)
     print(f"{name}: probe {rate:.2f} steps/s, first step (compile) {compile_s:.1f} s -> {steps} steps for "
-          f"{marks[-1]:g} min (load {os.getloadavg()[0]:.2f})", flush=True)
+          f"{marks[-1]:g} min (load {load_text(count=1)})", flush=True)
     workdir = root / name
     wall = _train(workdir, flags, steps, args.every, args.every)
     records = _records(workdir)
@@ -95,7 +97,7 @@ def run_variant(name: str, args: argparse.Namespace, marks: list[float]) -> dict
         print(f"    {mark:4g} min: step {row['step']:5d} (at {row['elapsed_s']:6.1f} s)  class accuracy "
               f"{row['class_accuracy']:.3f}  Fréchet distance {row['frechet_distance']:7.2f}", flush=True)
     return {"variant": name, "flags": flags, "probe_steps_per_s": rate, "compile_s": compile_s, "steps": steps,
-            "training_py_wall_s": wall, "marks": rows, "load_avg_end": os.getloadavg()[0]}
+            "training_py_wall_s": wall, "marks": rows, "load_avg_end": load_average()[0]}
 
 
 def main() -> None:
@@ -124,7 +126,7 @@ def main() -> None:
     import jax
 
     print(f"environment: python {platform.python_version()}, jax {jax.__version__}, flax {flax.__version__}, "
-          f"{os.cpu_count()} CPU cores ({platform.machine()}), load average {os.getloadavg()[0]:.2f}; "
+          f"{os.cpu_count()} CPU cores ({platform.machine()}), load average {load_text(count=1)}; "
           f"eval: {args.sampler} {args.sampler_steps} steps, guidance {args.guidance}, {args.per_class} per class",
           flush=True)
     results = [run_variant(name, args, marks) for name in names]

@@ -22,7 +22,6 @@ import importlib
 import importlib.util
 import json
 import math
-import os
 import sys
 import time
 import types
@@ -35,6 +34,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from flaxdiff import samplers, timesteps  # noqa: E402
+
+from _common import load_average  # noqa: E402
 
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 BUDGETS = tuple(range(5, 21)) + (50,)
@@ -365,14 +366,14 @@ def main() -> None:
     if args.budgets:
         global BUDGETS, SUMMARY_BUDGETS
         BUDGETS = SUMMARY_BUDGETS = tuple(args.budgets)
-    load_before = os.getloadavg()
+    load_before = load_average()
     results = run(args)
-    results["config"]["load_average_before_after"] = [load_before, os.getloadavg()]
+    results["config"]["load_average_before_after"] = [load_before, load_average()]
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)
     plot(results, args.plot)
     print(summarize(results))
-    print(f"load average (1, 5, 15 min) before: {load_before}, after: {os.getloadavg()}")
+    print(f"load average (1, 5, 15 min) before: {load_before}, after: {load_average()}")
 
 
 if __name__ == "__main__":

@@ -28,13 +28,14 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import flaxdiff_peer  # noqa: E402
+from _common import load_text  # noqa: E402
 
 
 def environment_line() -> str:
     import flax
     import jax
 
-    load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    load = load_text()
     return (f"environment: python {platform.python_version()}, jax {jax.__version__}, flax {flax.__version__}, "
             f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), load average {load}")
 

@@ -28,6 +28,8 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+from _common import load_average, load_text  # noqa: E402
+
 # Cloud TPU v4 (https://cloud.google.com/tpu/docs/v4): 275 TFLOP/s bf16 peak per chip, all-reduce bandwidth 1.1 PB/s
 # per 4096-chip pod. A v4-32 slice is 16 chips (2 TensorCores each, one JAX device per chip) on 4 hosts.
 V4_PEAK_FLOPS = 275e12
@@ -43,7 +45,7 @@ def worker(model: str, global_batch: int, steps: int) -> dict:
 
     row = bench_train.bench_model(model, global_batch, steps, "float32")
     row["devices"] = jax.device_count()
-    row["load_avg"] = list(os.getloadavg())
+    row["load_avg"] = list(load_average())
     return row
 
 
@@ -115,7 +117,7 @@ def main() -> None:
     import flax
     import jax
 
-    load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    load = load_text()
     print(f"environment: python {platform.python_version()}, jax {jax.__version__}, flax {flax.__version__}, "
           f"{os.cpu_count()} CPU cores ({platform.machine()}), load average {load}", flush=True)
     rows = []

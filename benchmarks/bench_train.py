@@ -36,6 +36,7 @@ from flaxdiff.training import DiffusionTrainer, TrainConfig
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import flaxdiff_peer  # noqa: E402
+from _common import load_average, load_text  # noqa: E402
 
 MODELS = {
     "unet": ("unet", {"in_channels": 3, "base_channels": 64, "channel_mult": (1, 2, 2, 2), "num_res_blocks": 2,
@@ -95,10 +96,6 @@ def bench_model(name: str, batch: int, steps: int, compute_dtype: str) -> dict:
             "train_gflop_per_image": flops / batch / 1e9, "achieved_gflops": flops / step_time / 1e9}
 
 
-def load() -> str:
-    return ", ".join(f"{v:.2f}" for v in os.getloadavg())
-
-
 def print_row(name: str, row: dict) -> None:
     print(f"{name:28s} {row['params'] / 1e6:7.2f}M params  batch {row['batch']}  {row['step_time_s']:.3f} s/step  "
           f"{row['images_per_s']:7.1f} images/s  {row['train_gflop_per_image']:6.2f} train GFLOP/image  "
@@ -118,7 +115,7 @@ def add_ceiling(row: dict, batch: int, repeats: int, peak: float) -> None:
     print(f"{'':28s} kernel ceiling: its {kernels['ops']} convolutions/matmuls alone take {kernels['seconds']:.3f} s "
           f"(ceiling MFU {row['kernel_ceiling']['ceiling_mfu']:.2f}) -> the step reaches "
           f"{row['fraction_of_ceiling']:.2f} of the ceiling by time, {row['mfu_fraction_of_ceiling']:.2f} by MFU "
-          f"(goal >= 0.9; load {os.getloadavg()[0]:.2f})", flush=True)
+          f"(goal >= 0.9; load {load_text(count=1)})", flush=True)
 
 
 def compare(ours: dict, peer: dict) -> dict:
@@ -155,7 +152,7 @@ def main() -> None:
     import flax
 
     print(f"environment: python {platform.python_version()}, jax {jax.__version__}, flax {flax.__version__}, "
-          f"{os.cpu_count()} CPU cores ({platform.machine()}), load average {load()}", flush=True)
+          f"{os.cpu_count()} CPU cores ({platform.machine()}), load average {load_text()}", flush=True)
     peer_python = flaxdiff_peer.find_peer_python(args.peer_venv)
     peak = matmul_peak()
     print(f"jitted float32 matmul peak: {peak / 1e9:.1f} GFLOP/s on {jax.device_count()} "
@@ -165,7 +162,7 @@ def main() -> None:
         row = flaxdiff_peer.run_peer(peer_python, "train", {"config": config, "batch": args.batch, "size": 32,
                                                             "repeats": args.steps})
         row["mfu"] = row["achieved_gflops"] * 1e9 / peak
-        row["load_avg"] = list(os.getloadavg())
+        row["load_avg"] = list(load_average())
         print_row(row["model"], row)
         return row
 
@@ -173,7 +170,7 @@ def main() -> None:
     for name in names:
         row = bench_model(name, args.batch, args.steps, args.compute_dtype)
         row["mfu"] = row["achieved_gflops"] * 1e9 / peak
-        row["load_avg"] = list(os.getloadavg())
+        row["load_avg"] = list(load_average())
         results.append(row)
         print_row(name, row)
         if not args.no_ceiling:
@@ -187,7 +184,7 @@ def main() -> None:
             if config not in peers:
                 peers[config] = run_peer(config)
     peak_end = matmul_peak()
-    print(f"jitted float32 matmul peak re-measured at the end: {peak_end / 1e9:.1f} GFLOP/s (load {load()})",
+    print(f"jitted float32 matmul peak re-measured at the end: {peak_end / 1e9:.1f} GFLOP/s (load {load_text()})",
           flush=True)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:

@@ -22,6 +22,8 @@ import sys
 import time
 from typing import Any
 
+from _common import load_average
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEER_VERSION = "0.2.11"
 CREATE_HINT = ("python3 -m venv PEER_VENV && PEER_VENV/bin/pip install flaxdiff==0.2.11 (any directory); then pass "
@@ -116,7 +118,7 @@ def _environment() -> dict[str, Any]:
     import jax
 
     return {"jax": jax.__version__, "flax": flax.__version__, "python": sys.version.split()[0],
-            "cpu_count": os.cpu_count(), "devices": jax.device_count(), "load_avg": list(os.getloadavg())}
+            "cpu_count": os.cpu_count(), "devices": jax.device_count(), "load_avg": list(load_average())}
 
 
 def _peer_unet(peer: dict, name: str) -> tuple[Any, int]:
@@ -207,7 +209,7 @@ def task_sampling(options: dict[str, Any]) -> dict[str, Any]:
                 row[f"{key}@{n_steps}"] = _median_time(
                     lambda: _ours_call(samplers, apply_fn, module_params, noise, text, grid, n_steps), repeats)
         results[label] = row
-    results["load_avg_end"] = list(os.getloadavg())
+    results["load_avg_end"] = list(load_average())
     return results
 
 
