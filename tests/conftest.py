@@ -11,7 +11,10 @@ import sys
 
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_backend_optimization_level" not in _flags:
-    os.environ["XLA_FLAGS"] = f"{_flags} --xla_backend_optimization_level=0".strip()
+    _flags = f"{_flags} --xla_backend_optimization_level=0"
+if "xla_llvm_disable_expensive_passes" not in _flags:
+    _flags = f"{_flags} --xla_llvm_disable_expensive_passes=true"
+os.environ["XLA_FLAGS"] = _flags.strip()
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       str(pathlib.Path(__file__).resolve().parent.parent / ".pytest_cache" / "jax_cache"))
 

@@ -6,7 +6,8 @@
 # imperceptible pixel detail. This notebook trains flaxdiff's KL autoencoder (`models.get("autoencoder-tiny")`,
 # the Stable Diffusion VAE layout at toy width, downsampling by 4), diffuses in its latent space and decodes.
 #
-# **Fast mode:** `FLAXDIFF_TUTORIAL_FAST=1` (tiny step counts; committed outputs are from a full run).
+# **Fast mode:** `FLAXDIFF_TUTORIAL_FAST=1` (tiny step counts, a VAE of two levels; committed outputs are from
+# a full run).
 
 # %%
 import jax
@@ -36,7 +37,7 @@ setup_plots()
 # %%
 size, dataset = pick((16, "mnist"), (8, "digits"))
 images, labels = image_dataset(dataset, size)
-vae = models.get("autoencoder-tiny")
+vae = models.get("autoencoder-tiny", **pick({}, {"block_out_channels": (16, 32)}))   # fast: downsampling by 2
 beta = 1e-3
 vae_steps = pick(1200, 20)
 # objectives.AutoencoderLoss is this loss divided by the D = H W C pixels (||x - Dec(z)||^2 / D + beta KL / D, the
