@@ -86,6 +86,8 @@ def generate_pairs(pipe: Any, num_pairs: int, key: Array, sampler: str = "euler"
 class PairSource:
     """Random-access (noise, image, label) rows of a pairs ``.npz`` for grain (``make_loader(operations=[])``)."""
 
+    in_memory = True   # the whole file is loaded: read without grain's reader threads
+
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
         with np.load(path, allow_pickle=False) as pairs:

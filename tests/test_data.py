@@ -232,3 +232,25 @@ def test_state_resume_gives_identical_batches(tmp_path):
             np.testing.assert_array_equal(got["image"], want["image"])
             np.testing.assert_array_equal(got["label"], want["label"])
     assert not np.array_equal(next(make())["image"], expected[0]["image"])
+
+
+def test_reader_threads_by_source_and_the_same_batches_either_way(tmp_path):
+    src = data.digits_source("train")
+    assert data.read_options(src).num_threads == 0   # in memory: read in the loader's thread
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "a.png")
+    folder = data.ImageFolderSource(tmp_path)
+    assert data.read_options(folder).num_threads == 16   # file-backed: grain's reader threads
+    assert data.read_options(src, 3).num_threads == 3
+    for bad in (-1, True, 2.0):
+        with pytest.raises(ValueError, match=rf"read_threads={bad!r} must be an int >= 0 or None"):
+            data.read_options(src, bad)
+    make = lambda threads: data.make_loader(src, 8, 10, seed=5, random_crop=True, random_flip=True,
+                                            read_threads=threads)
+    threaded, unthreaded = make(4), make(None)
+    for _ in range(3):
+        a, b = next(threaded), next(unthreaded)
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["label"], b["label"])
+    resumed = make(None)
+    resumed.set_state(threaded.get_state())
+    np.testing.assert_array_equal(next(resumed)["image"], next(threaded)["image"])

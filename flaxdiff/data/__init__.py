@@ -8,7 +8,7 @@
 """
 from flaxdiff.data.checks import check_finite
 from flaxdiff.data.arrayrecord import ArrayRecordSource, is_converted_dir, read_manifest
-from flaxdiff.data.pipeline import make_loader, shard_options
+from flaxdiff.data.pipeline import make_loader, read_options, shard_options
 from flaxdiff.data.sources import (
     SPLIT_SEED,
     VALIDATION_FRACTION,
@@ -33,7 +33,8 @@ from flaxdiff.data.transforms import (
 __all__ = [
     "ArrayRecordSource", "is_converted_dir", "read_manifest",
     "SPLIT_SEED", "VALIDATION_FRACTION", "ArraySource", "ImageFolderSource", "TFDSSource",
-    "check_finite", "digits_source", "load_source", "mnist_source", "npz_source", "make_loader", "shard_options",
+    "check_finite", "digits_source", "load_source", "mnist_source", "npz_source", "make_loader", "read_options",
+    "shard_options",
     "RandomFlip", "ResizeCrop", "ScaleToSymmetric", "TokenizeCaption", "ToChannels",
     "image_transforms", "resize_and_crop",
 ]

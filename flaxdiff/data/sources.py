@@ -63,6 +63,8 @@ class ArraySource:
     and are returned as float32 rescaled to [0, 1]: ``x01 = (x - lo) / (hi - lo)``.
     """
 
+    in_memory = True   # read without grain's reader threads (flaxdiff.data.pipeline.read_options)
+
     def __init__(
         self,
         images: np.ndarray,
