@@ -242,7 +242,7 @@ def test_training_script_trains_a_caption_model_on_a_converted_directory_and_res
     src = workdir / "data"  # inside the run directory (see the report: paths outside it with '..' do not resume)
     arrayrecord.convert(str(folder), src, records_per_shard=5, workers=1, progress=False)
     args = ["--dataset", str(src), "--captions", "source", "--image-size", "8", "--model", "unet-tiny",
-            "--model-config", "{}", "--batch-size", "4", "--steps", "3", "--log-every", "1",
+            "--model-config", '{"channel_mult": [1]}', "--batch-size", "4", "--steps", "3", "--log-every", "1",
             "--preview-per-class", "0", "--checkpoint-every", "2", "--workdir", str(workdir)]
     assert training.main(args) == 0
     shutil.rmtree(workdir / "checkpoints" / "3")
@@ -289,6 +289,6 @@ def test_captions_in_the_data_are_ignored_without_captions(folder, tmp_path):
 
     workdir = tmp_path / "run"
     assert training.main(["--dataset", str(folder), "--image-size", "8", "--model", "unet-tiny", "--model-config",
-                          "{}", "--batch-size", "4", "--steps", "1", "--preview-per-class", "0", "--workdir",
+                          '{"channel_mult": [1]}', "--batch-size", "4", "--steps", "1", "--preview-per-class", "0", "--workdir",
                           str(workdir)]) == 0
     assert json.loads((workdir / "config.json").read_text())["data"]["captions"] is None

@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 import training  # noqa: E402
 from helpers.run_config import assert_config_feeds_back  # noqa: E402
 
-TINY = ["--dataset", "digits", "--image-size", "8", "--model", "unet-tiny", "--model-config", "{}",
+TINY = ["--dataset", "digits", "--image-size", "8", "--model", "unet-tiny", "--model-config", '{"channel_mult": [1]}',
         "--batch-size", "8", "--warmup-steps", "0", "--lr-decay", "constant", "--log-every", "1",
         "--preview-per-class", "0"]
 

@@ -15,7 +15,7 @@ import training  # noqa: E402
 from flaxdiff import checkpoints  # noqa: E402
 
 # constant LR: the run length is a run-only setting, so a 2-step run resumed to 4 steps is the 4-step run
-TINY = ["--dataset", "digits", "--image-size", "16", "--model", "unet-tiny", "--model-config", "{}",
+TINY = ["--dataset", "digits", "--image-size", "16", "--model", "unet-tiny", "--model-config", '{"channel_mult": [1]}',
         "--batch-size", "8", "--lr-decay", "constant", "--warmup-steps", "0", "--log-every", "1",
         "--preview-per-class", "0", "--checkpoint-every", "2"]
 

@@ -53,7 +53,7 @@ def test_with_captions_for_arrays_and_image_folders(tmp_path):
 def text_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("text_run")
     code = training.main(["--dataset", "digits", "--captions", "mnist", "--image-size", "8", "--model", "unet-tiny",
-                          "--model-config", "{}", "--batch-size", "8", "--steps", "3", "--warmup-steps", "0",
+                          "--model-config", '{"channel_mult": [1]}', "--batch-size", "8", "--steps", "3", "--warmup-steps", "0",
                           "--lr-decay", "constant", "--log-every", "1", "--preview-per-class", "0",
                           "--workdir", str(workdir)])
     assert code == 0
