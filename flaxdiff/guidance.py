@@ -5,7 +5,10 @@ Conditional and unconditional rows go through ONE batched forward of the network
     [x0_c; x0_u] = D([x; x], [s; s], [cond; null_cond]),     x0 = x0_u + w(s) (x0_c - x0_u)
 
 which is the same as guiding eps_hat (eps = (x - x0) / s is affine in x0). The guidance interval
-(Kynkaanniemi et al. 2024) applies the scale only for s in [lo, hi]: w(s) = w there and 1 elsewhere.
+(Kynkaanniemi et al. 2024) applies the scale only for s in [lo, hi]: w(s) = w there and 1 elsewhere. Where w(s) = 1
+the guided x0 is the conditional x0, so an evaluation at which no row's s lies in the interval runs the conditional
+rows alone (``lax.cond``: a forward of B rows instead of 2B; on a 20-step log-SNR grid the interval [0.3, 3] holds
+about one evaluation in six).
 The null condition is the model's learned "no condition": label == num_classes, or zeros for text embeddings.
 """
 from __future__ import annotations
@@ -19,7 +22,7 @@ from flaxdiff.denoiser import VEDenoiser
 
 Array = jax.Array
 
-__all__ = ["guided_denoiser", "guidance_weight", "combine", "null_condition", "check_interval"]
+__all__ = ["guided_denoiser", "guided_x0", "guidance_weight", "combine", "null_condition", "check_interval"]
 
 
 def check_interval(interval: tuple[float, float] | None) -> None:
@@ -59,18 +62,34 @@ def null_condition(cond: Any, num_classes: int | None = None) -> Any:
     return jax.tree_util.tree_map(leaf, cond)
 
 
-def guided_denoiser(denoise: VEDenoiser, scale: Array | float, null_cond: Any,
-                    interval: tuple[float, float] | None = None) -> VEDenoiser:
-    """Wrap D(x~, s, cond) into its guided version, evaluating both branches in one batched call."""
-    check_interval(interval)
+def guided_x0(denoise: VEDenoiser, x: Array, sigma: Array, cond: Any, null_cond: Any, scale: Array | float,
+              interval: tuple[float, float] | None = None) -> Array:
+    """The guided x0 of ``denoise(x, sigma, cond)`` at (x, sigma) (B,): conditional and null rows in one batched call,
+    ``x0_u + w(s) (x0_c - x0_u)``; with an interval, when no row's sigma lies in it, the conditional rows alone."""
+    batch = x.shape[0]
 
-    def guided(x: Array, sigma: Array, cond: Any = None) -> Array:
-        batch = x.shape[0]
-        sigma = jnp.broadcast_to(jnp.asarray(sigma), (batch,))
+    def both_branches(operands: tuple[Array, Array, Any]) -> Array:
+        x, sigma, cond = operands
         null = jax.tree_util.tree_map(
             lambda c, n: jnp.broadcast_to(jnp.asarray(n, jnp.asarray(c).dtype), jnp.shape(c)), cond, null_cond)
         both = jax.tree_util.tree_map(lambda c, n: jnp.concatenate([jnp.asarray(c), n], axis=0), cond, null)
         x0_both = denoise(jnp.concatenate([x, x], axis=0), jnp.concatenate([sigma, sigma], axis=0), both)
         return combine(x0_both[:batch], x0_both[batch:], guidance_weight(sigma, scale, interval))
+
+    if interval is None:
+        return both_branches((x, sigma, cond))
+    inside = (sigma >= interval[0]) & (sigma <= interval[1])
+    return jax.lax.cond(jnp.any(inside), both_branches, lambda operands: denoise(*operands),
+                        (x, sigma, cond))
+
+
+def guided_denoiser(denoise: VEDenoiser, scale: Array | float, null_cond: Any,
+                    interval: tuple[float, float] | None = None) -> VEDenoiser:
+    """Wrap D(x~, s, cond) into its guided version (:func:`guided_x0`)."""
+    check_interval(interval)
+
+    def guided(x: Array, sigma: Array, cond: Any = None) -> Array:
+        sigma = jnp.broadcast_to(jnp.asarray(sigma), (x.shape[0],))
+        return guided_x0(denoise, x, sigma, cond, null_cond, scale, interval)
 
     return guided

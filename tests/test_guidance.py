@@ -80,3 +80,29 @@ def test_sample_model_with_cfg_counts_one_forward_per_evaluation():
     np.testing.assert_allclose(x, 2.0 * MEANS[cond["label"]] - MEANS[NUM_CLASSES], atol=1e-5)
     with pytest.raises(ValueError, match="null_cond"):
         samplers.sample_model(apply_fn, 1.0, schedule, "x0", noise=noise, cond=cond, guidance_scale=2.0)
+
+
+def test_guidance_interval_runs_the_null_rows_only_inside():
+    batches = []
+
+    def inner(x, sigma, cond):
+        jax.debug.callback(lambda: batches.append(x.shape[0]))   # fires only in the branch that runs
+        return class_denoiser([])(x, sigma, cond)
+
+    guided = jax.jit(guidance.guided_denoiser(inner, 4.0, {"label": NUM_CLASSES}, interval=(0.5, 5.0)))
+    x = jnp.array([[0.3, -0.2], [1.0, 2.0], [-0.5, 0.5]])
+    cond = {"label": jnp.array([0, 1, 2])}
+    outside = jnp.full((3,), 10.0)
+    out = guided(x, outside, cond)
+    jax.effects_barrier()
+    assert batches == [3]   # the conditional rows alone
+    np.testing.assert_array_equal(out, jax.jit(inner)(x, outside, cond))
+    batches.clear()
+    mixed = jnp.array([0.1, 1.0, 10.0])
+    out = guided(x, mixed, cond)
+    jax.effects_barrier()
+    assert batches == [6]   # one row inside: conditional and null rows in one call
+    x0_c = inner(x, mixed, cond)
+    x0_u = inner(x, mixed, {"label": jnp.full((3,), NUM_CLASSES)})
+    np.testing.assert_allclose(out, x0_u + guidance.guidance_weight(mixed, 4.0, (0.5, 5.0))[:, None] * (x0_c - x0_u),
+                               rtol=1e-6)

@@ -30,6 +30,7 @@ denoised x0 when the grid ends at 0).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -377,12 +378,8 @@ def make_denoiser(model_fn: ModelFn, scheduler: DiffusersScheduler, grid: Diffus
         sigma = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), (batch,))
         if not guided:
             return x0_of(params, x, sigma, cond)
-        both = jax.tree_util.tree_map(
-            lambda c, n: jnp.concatenate([jnp.asarray(c), jnp.broadcast_to(jnp.asarray(n, jnp.asarray(c).dtype),
-                                                                           jnp.shape(c))], axis=0), cond, null_cond)
-        x0_both = x0_of(params, jnp.concatenate([x, x], axis=0), jnp.concatenate([sigma, sigma], axis=0), both)
-        weight = guidance_lib.guidance_weight(sigma, scale, guidance_interval)
-        return guidance_lib.combine(x0_both[:batch], x0_both[batch:], weight)
+        return guidance_lib.guided_x0(functools.partial(x0_of, params), x, sigma, cond, null_cond, scale,
+                                      guidance_interval)
 
     return denoise
 
