@@ -9,8 +9,9 @@
 Models and their peers (parameter counts within 5%): a small U-Net (9.59M params at 32x32x3, 3% above the 9.31M of
 FlaxDiff's Unet(feature_depths=(64, 128, 256), num_res_blocks=2, emb_features=256), peer config "medium"), the
 same U-Net with its attention on the 8x8 instead of the 16x16 map ("unet-attn8", same parameters, peer "medium"),
-a tiny U-Net (0.43M, peer "tiny") and DiT-S/2 on 32x32x4 (32.9M, peer "dit-s2": FlaxDiff's SimpleDiT with patch 2, width
-384, 6 heads, 11 blocks, 33.0M). With ``--peer-venv`` (or FLAXDIFF_PEER_VENV) each of our models is followed, in the
+a tiny U-Net (0.43M, peer "tiny"), the main job's DiT ("dit-mnist": 4x4 patches, width 128, 6 blocks, 1.85M
+params on 32x32x1; peer "dit-p4": SimpleDiT with 4x4 patches, width 128, 4 heads, 5 blocks, 1.90M) and DiT-S/2 on
+32x32x4 (32.9M, peer "dit-s2": FlaxDiff's SimpleDiT with patch 2, width 384, 6 heads, 11 blocks, 33.0M). With ``--peer-venv`` (or FLAXDIFF_PEER_VENV) each of our models is followed, in the
 same run, by FlaxDiff 0.2.11's own jitted train step (``DiffusionTrainer._define_train_step``: cosine schedule,
 epsilon loss, Adam, EMA) on its peer, in a subprocess of the peer venv; its MFU uses the matmul peak measured here.
 Usage:
@@ -48,9 +49,13 @@ MODELS = {
     "unet-tiny": ("unet", {"in_channels": 3, "base_channels": 24, "channel_mult": (1, 2), "num_res_blocks": 1,
                            "attention_levels": (1,), "num_heads": 4, "norm_num_groups": 8}, (32, 32, 3)),
     "dit": ("DiT-S/2", {"input_size": 32, "in_channels": 4, "learn_sigma": False}, (32, 32, 4)),
+    # the MNIST main job's DiT (configs/mnist_default.json, unconditional here): 4x4 patches, width 128, 6 blocks
+    "dit-mnist": ("dit", {"patch_size": 4, "hidden_size": 128, "depth": 6, "num_heads": 4, "frequency_dim": 128,
+                          "in_channels": 1}, (32, 32, 1)),
 }
 # the FlaxDiff 0.2.11 config (benchmarks/flaxdiff_peer.py) each of our models is compared with
-PEER_OF = {"unet": "medium", "unet-attn8": "medium", "unet-tiny": "tiny", "dit": "dit-s2"}
+PEER_OF = {"unet": "medium", "unet-attn8": "medium", "unet-tiny": "tiny", "dit": "dit-s2",
+           "dit-mnist": "dit-p4"}
 
 
 def matmul_peak(size: int = 2048, repeats: int = 10) -> float:

@@ -45,6 +45,9 @@ PEER_UNETS = {
 PEER_DITS = {
     "dit-s2": {"patch_size": 2, "emb_features": 384, "num_layers": 11, "num_heads": 6, "output_channels": 4,
                "context": 384, "channels": 4},
+    # the MNIST main job's DiT (4x4 patches, width 128, 32x32x1): 5 blocks give 1.90M against our 6-block 1.85M
+    "dit-p4": {"patch_size": 4, "emb_features": 128, "num_layers": 5, "num_heads": 4, "output_channels": 1,
+               "context": 128, "channels": 1},
 }
 PEER_MODELS = sorted(PEER_UNETS) + sorted(PEER_DITS)
 
