@@ -7,8 +7,8 @@ Conditional and unconditional rows go through ONE batched forward of the network
 which is the same as guiding eps_hat (eps = (x - x0) / s is affine in x0). The guidance interval
 (Kynkaanniemi et al. 2024) applies the scale only for s in [lo, hi]: w(s) = w there and 1 elsewhere. Where w(s) = 1
 the guided x0 is the conditional x0, so an evaluation at which no row's s lies in the interval runs the conditional
-rows alone (``lax.cond``: a forward of B rows instead of 2B; on a 20-step log-SNR grid the interval [0.3, 3] holds
-about one evaluation in six).
+rows alone (``lax.cond``: a forward of B rows instead of 2B; of the 20 evaluations of the default 20-step
+log-SNR grid for rectified flow, 4 lie in the interval [0.3, 3]).
 The null condition is the model's learned "no condition": label == num_classes, or zeros for text embeddings.
 """
 from __future__ import annotations
