@@ -59,11 +59,10 @@ def run_dir(tmp_path_factory):
     return workdir
 
 
-# pytest-xdist (`-n 2`, load scheduling) hands each worker a large chunk of consecutive tests first and, near the end
-# of the run, chunks of two. A file with an expensive module fixture that sits last in the collection (the
-# training-script runs) is then split over both workers, which both build the fixture while the other core has
-# nothing left to do. These files run first instead, inside one worker's first chunk; the order within every file
-# is unchanged and nothing is skipped.
+# pytest-xdist (`make test`: `-n 2 --dist worksteal`) splits the collection in two halves, one per worker, and an idle
+# worker takes tests from the end of the other's queue. A file with an expensive module fixture that is split between
+# the workers builds that fixture on both. These files run first, at the head of one worker's queue where nothing is
+# stolen; the order within every file is unchanged and nothing is skipped.
 RUN_FIRST = ("test_text_encoders.py", "test_training_script.py")
 
 
