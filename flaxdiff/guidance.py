@@ -22,7 +22,8 @@ from flaxdiff.denoiser import VEDenoiser
 
 Array = jax.Array
 
-__all__ = ["guided_denoiser", "guided_x0", "guidance_weight", "combine", "null_condition", "check_interval"]
+__all__ = ["guided_denoiser", "guided_x0", "guidance_weight", "in_interval", "combine", "null_condition",
+           "check_interval"]
 
 
 def check_interval(interval: tuple[float, float] | None) -> None:
@@ -37,8 +38,12 @@ def guidance_weight(sigma: Array, scale: Array | float, interval: tuple[float, f
     scale = jnp.asarray(scale, jnp.result_type(sigma, jnp.float32))
     if interval is None:
         return jnp.broadcast_to(scale, jnp.shape(sigma))
-    inside = (sigma >= interval[0]) & (sigma <= interval[1])
-    return jnp.where(inside, scale, jnp.ones_like(scale))
+    return jnp.where(in_interval(sigma, interval), scale, jnp.ones_like(scale))
+
+
+def in_interval(sigma: Array, interval: tuple[float, float]) -> Array:
+    """Whether each sigma lies in the guidance interval: ``lo <= sigma <= hi``."""
+    return (sigma >= interval[0]) & (sigma <= interval[1])
 
 
 def combine(x0_cond: Array, x0_uncond: Array, weight: Array) -> Array:
@@ -78,8 +83,7 @@ def guided_x0(denoise: VEDenoiser, x: Array, sigma: Array, cond: Any, null_cond:
 
     if interval is None:
         return both_branches((x, sigma, cond))
-    inside = (sigma >= interval[0]) & (sigma <= interval[1])
-    return jax.lax.cond(jnp.any(inside), both_branches, lambda operands: denoise(*operands),
+    return jax.lax.cond(jnp.any(in_interval(sigma, interval)), both_branches, lambda operands: denoise(*operands),
                         (x, sigma, cond))
 
 
