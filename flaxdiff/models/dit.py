@@ -126,8 +126,10 @@ class DiTBlock(nn.Module):
             h = moe.ExpertChoiceMLP(self.num_experts, int(width * self.mlp_ratio), self.capacity_factor,
                                     dtype=self.dtype, name="moe")(h)
         else:
-            h = nn.Dense(int(width * self.mlp_ratio), dtype=self.dtype, kernel_init=_xavier, name="mlp_fc1")(h)
-            h = nn.Dense(width, dtype=self.dtype, kernel_init=_xavier, name="mlp_fc2")(nn.gelu(h, approximate=True))
+            h = layers.dense_tokens(nn.Dense(int(width * self.mlp_ratio), dtype=self.dtype, kernel_init=_xavier,
+                                             name="mlp_fc1"), h)
+            h = layers.dense_tokens(nn.Dense(width, dtype=self.dtype, kernel_init=_xavier, name="mlp_fc2"),
+                                    nn.gelu(h, approximate=True))
         return x + gate_mlp[:, None, :] * h
 
 
@@ -202,7 +204,8 @@ class DiT(nn.Module):
                                           name="final_adaLN_modulation")(nn.silu(c)), 2, axis=-1)
         tokens = layers.modulate(nn.LayerNorm(epsilon=1e-6, use_scale=False, use_bias=False, dtype=dtype,
                                               name="final_norm")(tokens), shift, scale)
-        tokens = nn.Dense(p * p * out_channels, dtype=dtype, kernel_init=_zeros, name="final_linear")(tokens)
+        tokens = layers.dense_tokens(nn.Dense(p * p * out_channels, dtype=dtype, kernel_init=_zeros,
+                                              name="final_linear"), tokens)
         if keep is not None:
             tokens = masking.scatter_tokens(tokens, keep, num_patches)
         out = tokens.reshape(batch, grid_h, grid_w, p, p, out_channels)

@@ -115,6 +115,17 @@ class LabelEmbedding(nn.Module):
         return table(labels)
 
 
+def dense_tokens(dense: nn.Module, x: Array) -> Array:
+    """``dense(x)`` for x (..., D) applied to x reshaped to (prod(...), D), result reshaped back: the same numbers
+    and params. XLA:CPU gives the weight gradient of a Dense over (B, T, D) activations, a contraction over two
+    axes, a transposed copy of the activations first; as a 2-D matmul it needs none. On the main job's DiT
+    train step this removed 30 activation copies.
+    """
+    lead = x.shape[:-1]
+    out = dense(x.reshape(-1, x.shape[-1]))
+    return out.reshape(*lead, out.shape[-1])
+
+
 def modulate(x: Array, shift: Array, scale: Array) -> Array:
     """adaLN modulation ``x * (1 + scale) + shift`` with (B, D) shift/scale broadcast over tokens."""
     return x * (1.0 + scale[:, None, :]) + shift[:, None, :]
@@ -194,9 +205,9 @@ class Attention(nn.Module):
             inner, use_bias=self.use_bias, dtype=self.dtype, kernel_init=init, name=name)
         source = x if context is None else context
         batch = x.shape[0]
-        q = dense("to_q")(x).reshape(batch, x.shape[1], self.num_heads, self.head_dim)
-        k = dense("to_k")(source)
-        v = dense("to_v")(source)
+        q = dense_tokens(dense("to_q"), x).reshape(batch, x.shape[1], self.num_heads, self.head_dim)
+        k = dense_tokens(dense("to_k"), source)
+        v = dense_tokens(dense("to_v"), source)
         mask = None
         if context_mask is not None:
             mask = jnp.asarray(context_mask, bool)
@@ -214,8 +225,8 @@ class Attention(nn.Module):
         out = dot_product_attention(q, k, v.astype(q.dtype), mask)
         out = out.reshape(batch, x.shape[1], inner)
         out_init = self.out_kernel_init or self.kernel_init
-        return nn.Dense(self.out_features, use_bias=self.use_bias, dtype=self.dtype, kernel_init=out_init,
-                        name="to_out")(out)
+        return dense_tokens(nn.Dense(self.out_features, use_bias=self.use_bias, dtype=self.dtype,
+                                     kernel_init=out_init, name="to_out"), out)
 
 
 def check_groups(channels: int, num_groups: int, where: str) -> None:
