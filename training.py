@@ -1,6 +1,6 @@
 """Train a diffusion / flow model with flaxdiff: one script for a 2-core laptop and a multi-host TPU pod.
 
-    python training.py                                   # class-conditional MNIST at 32x32 (the main job)
+    python training.py                                   # class-conditional MNIST at 28x28 (the main job)
     python training.py --print-config > run.json         # the fully resolved config (flaxdiff.config.RunConfig)
     python training.py --config run.json --steps 5000    # a config file (JSON or YAML); flags override it
     python training.py --config runs/mnist/config.json   # a run's saved config reproduces that run
@@ -419,6 +419,11 @@ def train_diffusion(config: RunConfig, workdir: Path, resume_step: int | None, o
         shutil.rmtree(_checkpoint_dir(workdir))
     saved_config = config.relative_paths(workdir).to_dict()
     model = model_cfg.make()
+    try:
+        params = param_count(model, data.example)
+    except ValueError as err:
+        raise ConfigError(f"model {config.model.name!r} cannot take the data's {data.example['image'].shape[1:]} "
+                          f"inputs: {err}; set data.image_size (--image-size) to a size it accepts") from None
     train_config = build_train_config(config, steps, null_cond)
     loss = objectives.DiffusionLoss(schedule, predictor, weighting, time_sampler,
                                     cond_drop_prob=train_config.cond_drop_prob, null_cond=null_cond)
@@ -435,7 +440,7 @@ def train_diffusion(config: RunConfig, workdir: Path, resume_step: int | None, o
         if data.text is not None:
             data.text.save(workdir / checkpoints.TEXT_ENCODER_DIR)
         logger.info("model %s: %s params; %d steps of global batch %d (%.1f epochs of %d examples); workdir %s",
-                    config.model.name, f"{param_count(model, data.example):,}", steps,
+                    config.model.name, f"{params:,}", steps,
                     config.train.batch_size, steps * config.train.batch_size / max(1, len(data.source)),
                     len(data.source), workdir)
     if resume_step is not None:

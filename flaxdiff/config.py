@@ -235,7 +235,7 @@ class DataConfig(_Section):
     split: str = "train"
     data_dir: str | None = None
     download: bool = False
-    image_size: int = 32
+    image_size: int = 28
     channels: int | None = None
     random_flip: bool = False
     worker_count: int = 0

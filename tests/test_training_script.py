@@ -143,7 +143,7 @@ def test_defaults_are_the_mnist_main_job(capsys):
     config = json.loads(capsys.readouterr().out)
     assert (config["data"]["dataset"], config["data"]["image_size"], config["diffusion"]["schedule"],
             config["diffusion"]["predictor"], config["diffusion"]["time_sampler"]) == \
-        ("mnist", 32, "rectified_flow", "velocity", "logit_normal")
+        ("mnist", 28, "rectified_flow", "velocity", "logit_normal")
     assert config["diffusion"]["cond_drop_prob"] == 0.1 and config["train"]["ema_decay"] > 0
     # the main job's sampling settings travel with its checkpoints (docs/main_job.md measured them)
     assert (config["sample"]["sampler"], config["sample"]["steps"], config["sample"]["guidance"],
