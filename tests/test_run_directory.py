@@ -115,6 +115,18 @@ def test_nan_pixels_are_refused_before_training(tmp_path, capsys):
     assert not (tmp_path / "w").exists()
 
 
+def test_image_size_the_model_cannot_take_is_refused_before_anything_is_written(tmp_path, capsys):
+    # three levels ("channel_mult": [1, 2, 2]) downsample twice: the image side must be a multiple of 4
+    argv = [a if a != '{"channel_mult": [1]}' else '{"channel_mult": [1, 2, 2]}' for a in TINY]
+    argv = [a if a != "16" else "18" for a in argv]
+    assert training.main([*argv, "--steps", "1", "--workdir", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == ("training.py: error: model 'unet-tiny' cannot take the data's (18, 18, 1) inputs: image size "
+                   "18x18 is not divisible by 4 (patch_size 1 and 2 downsamplings); set data.image_size "
+                   "(--image-size) to a size it accepts")
+    assert not (tmp_path / "w").exists()
+
+
 def test_saved_config_has_no_absolute_paths(base):
     text = (base / "two" / "config.json").read_text()
     assert str(base) not in text and json.loads(text)["data"]["dataset"] == "digits"
