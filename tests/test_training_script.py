@@ -15,7 +15,9 @@ sys.path.insert(0, str(ROOT))
 import training  # noqa: E402
 from flaxdiff.config import ALIASES, RunConfig  # noqa: E402
 
-TINY = ["--dataset", "digits", "--image-size", "16", "--model", "unet-tiny", "--model-config", "{}",
+# the one-level unet-tiny, like the run-directory tests (these runs test the script, not the architecture)
+TINY_OPTIONS = {"channel_mult": [1]}
+TINY = ["--dataset", "digits", "--image-size", "16", "--model", "unet-tiny", "--model-config", json.dumps(TINY_OPTIONS),
         "--batch-size", "16", "--lr-decay", "constant", "--warmup-steps", "0", "--log-every", "1",
         "--preview-per-class", "2", "--preview-steps", "2", "--preview-sampler", "euler"]
 
@@ -54,7 +56,8 @@ def test_run_writes_checkpoint_grid_and_config(run_dir):
     assert saved == json.loads((workdir / "config.json").read_text())
     assert set(saved) == {"data", "model", "diffusion", "train", "sample", "task"}
     assert saved["data"]["num_classes"] == 10 and saved["data"]["dataset"] == "digits"
-    assert saved["data"]["channels"] == 1 and saved["model"]["options"] == {"in_channels": 1, "num_classes": 10}
+    assert saved["data"]["channels"] == 1
+    assert saved["model"]["options"] == {**TINY_OPTIONS, "in_channels": 1, "num_classes": 10}
     assert saved["diffusion"]["cond_drop_prob"] == 0.1 and saved["diffusion"]["schedule"] == "rectified_flow"
     assert saved["sample"]["sampler"] == "euler" and saved["sample"]["steps"] == 2 and saved["train"]["steps"] == 3
     # one row per class (10), two images per row, 16 px each
@@ -85,7 +88,8 @@ def test_existing_checkpoints_need_resume_or_overwrite(run_dir):
 
 def test_resume_continues_from_the_checkpoint(run_dir):
     workdir, _ = run_dir
-    proc = _run(*TINY, "--steps", "5", "--checkpoint-every", "2", "--workdir", str(workdir), "--resume")
+    proc = _run(*TINY, "--steps", "5", "--checkpoint-every", "2", "--workdir", str(workdir), "--resume",
+                "--preview-per-class", "0")  # the first run's preview grid is enough
     assert "restored step 3" in proc.stderr
     assert _steps(workdir)[-1] == 5
     # steps 1-3 from the first run, then 4-5: nothing repeated, nothing restarted at 1
@@ -94,7 +98,9 @@ def test_resume_continues_from_the_checkpoint(run_dir):
 
 def test_resume_with_changed_model_fails_clearly(run_dir):
     workdir, _ = run_dir
-    changed = [a if a != "{}" else '{"base_channels": 8}' for a in TINY]
+    wider = json.dumps({**TINY_OPTIONS, "base_channels": 8})
+    changed = [a if a != json.dumps(TINY_OPTIONS) else wider for a in TINY]
+    assert changed != TINY
     proc = _run(*changed, "--steps", "6", "--workdir", str(workdir), "--resume", check=False)
     assert proc.returncode == 2
     assert "model.options" in proc.stderr.strip().splitlines()[-1]
@@ -104,7 +110,7 @@ def test_print_config_round_trips_json_and_yaml(tmp_path, capsys):
     assert training.main([*TINY, "--steps", "7", "--shift", "3", "--print-config"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["train"]["steps"] == 7 and printed["diffusion"]["shift"] == 3.0
-    assert printed["model"]["options"] == {} and printed["train"]["epochs"] is None
+    assert printed["model"]["options"] == TINY_OPTIONS and printed["train"]["epochs"] is None
     assert set(printed) == set(RunConfig().to_dict())
     path = tmp_path / "run.json"
     path.write_text(json.dumps(printed))
