@@ -92,8 +92,10 @@ def time_op(eqn, repeats: int) -> dict:
     return {"forward_flops": f_flops, "forward_s": f_time, "backward_flops": b_flops, "backward_s": b_time}
 
 
-def ceiling(name: str, batch: int, repeats: int) -> dict:
-    preset, overrides, shape = MODELS[name]
+def ceiling(name: str, batch: int, repeats: int, shape: tuple[int, ...] | None = None) -> dict:
+    """The heavy kernels of model ``name``'s forward at ``batch`` (inputs of ``shape``, default the model's own)."""
+    preset, overrides, default_shape = MODELS[name]
+    shape = tuple(shape) if shape is not None else default_shape
     model = models.get(preset, **overrides)
     x = jnp.zeros((batch,) + shape, jnp.float32)
     c = jnp.zeros((batch,), jnp.float32)

@@ -17,7 +17,7 @@ epsilon loss, Adam, EMA) on its peer, in a subprocess of the peer venv; its MFU 
 Usage:
 
     python benchmarks/bench_train.py [--models unet,unet-tiny,dit] [--batch 32] [--steps 5] [--json out.json] \
-        [--peer-venv $PEER_VENV] [--no-ceiling]
+        [--peer-venv $PEER_VENV] [--no-ceiling] [--image-size 28]
 """
 from __future__ import annotations
 
@@ -71,8 +71,15 @@ def matmul_peak(size: int = 2048, repeats: int = 10) -> float:
     return 2.0 * size**3 / best
 
 
-def bench_model(name: str, batch: int, steps: int, compute_dtype: str) -> dict:
-    preset, overrides, shape = MODELS[name]
+def model_shape(name: str, image_size: int | None) -> tuple[int, int, int]:
+    """The input shape of model ``name``: its own, or ``image_size`` square with its channels."""
+    shape = MODELS[name][2]
+    return shape if image_size is None else (image_size, image_size, shape[-1])
+
+
+def bench_model(name: str, batch: int, steps: int, compute_dtype: str, image_size: int | None = None) -> dict:
+    preset, overrides, _ = MODELS[name]
+    shape = model_shape(name, image_size)
     model = models.get(preset, **overrides)
     example = {"image": np.zeros((batch,) + shape, np.float32)}
     trainer = DiffusionTrainer(model, None, schedules.get("cosine"), predictors.get("v"),
@@ -111,7 +118,7 @@ def add_ceiling(row: dict, batch: int, repeats: int, peak: float) -> None:
     """Time the model's convolutions and matmuls alone (bench_kernels) and the fraction of that ceiling reached."""
     import bench_kernels
 
-    kernels = bench_kernels.ceiling(row["model"], batch, repeats)
+    kernels = bench_kernels.ceiling(row["model"], batch, repeats, tuple(row["shape"]))
     row["kernel_ceiling"] = {"seconds": kernels["seconds"], "gflop": kernels["gflop"], "gflops": kernels["gflops"],
                              "ceiling_mfu": kernels["gflops"] * 1e9 / peak, "ops": kernels["ops"],
                              "distinct_ops": kernels["distinct_ops"]}
@@ -145,7 +152,11 @@ def main() -> None:
                         help=f"peer configs to run (default: the peers of --models, {PEER_OF})")
     parser.add_argument("--no-ceiling", action="store_true", help="skip the kernel-ceiling measurement")
     parser.add_argument("--ceiling-repeats", type=int, default=3)
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="square input size for every model and peer (default: each model's own, 32)")
     args = parser.parse_args()
+    if args.image_size is not None and args.image_size < 1:
+        parser.error(f"--image-size {args.image_size} is invalid; accepted: a positive number of pixels")
     names = args.models.split(",")
     unknown = [m for m in names if m not in MODELS]
     if unknown:
@@ -164,7 +175,8 @@ def main() -> None:
           f"{jax.devices()[0].platform} device(s)", flush=True)
 
     def run_peer(config: str) -> dict:
-        row = flaxdiff_peer.run_peer(peer_python, "train", {"config": config, "batch": args.batch, "size": 32,
+        row = flaxdiff_peer.run_peer(peer_python, "train", {"config": config, "batch": args.batch,
+                                                            "size": args.image_size or 32,
                                                             "repeats": args.steps})
         row["mfu"] = row["achieved_gflops"] * 1e9 / peak
         row["load_avg"] = list(load_average())
@@ -173,7 +185,7 @@ def main() -> None:
 
     results, peers, pairs = [], {}, []
     for name in names:
-        row = bench_model(name, args.batch, args.steps, args.compute_dtype)
+        row = bench_model(name, args.batch, args.steps, args.compute_dtype, args.image_size)
         row["mfu"] = row["achieved_gflops"] * 1e9 / peak
         row["load_avg"] = list(load_average())
         results.append(row)
