@@ -1,5 +1,4 @@
 """Tests for flaxdiff.metrics: the cached MNIST classifier and Fréchet distances."""
-import os
 import pathlib
 
 import numpy as np
@@ -14,17 +13,9 @@ MIN_TEST_ACCURACY = 0.95
 
 
 @pytest.fixture(scope="session")
-def classifier_dir(tmp_path_factory):
-    """One cache per test run: pytest-xdist workers share the parent of their base temp
-    dir, and the classifier's file lock makes the first worker train while others wait."""
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        return tmp_path_factory.getbasetemp().parent / "flaxdiff_classifier_cache"
-    return tmp_path_factory.mktemp("classifier_cache")
-
-
-@pytest.fixture(scope="session")
-def classifier(classifier_dir):
-    return metrics.get_mnist_classifier(image_size=32, cache_dir=classifier_dir)
+def classifier(mnist_classifier_dir):
+    """The default classifier: trained from scratch into the empty cache (tests/conftest.py), then loaded here."""
+    return metrics.get_mnist_classifier(image_size=32, cache_dir=mnist_classifier_dir)
 
 
 @pytest.fixture(scope="session")
@@ -32,7 +23,7 @@ def real_digits():
     return metrics.mnist_arrays("all", 32)
 
 
-def test_classifier_accuracy_on_held_out_digits(classifier, classifier_dir):
+def test_classifier_accuracy_on_held_out_digits(classifier, mnist_classifier_dir):
     assert classifier.test_accuracy >= MIN_TEST_ACCURACY
     images, labels = metrics.mnist_arrays("validation", 32)
     assert metrics.class_accuracy(classifier, images, labels) == pytest.approx(classifier.test_accuracy)
@@ -42,16 +33,16 @@ def test_classifier_accuracy_on_held_out_digits(classifier, classifier_dir):
     native = images[:, 2:30, 2:30]  # 28x28 inputs are resized to the classifier's 32x32
     assert metrics.class_accuracy(classifier, native, labels) > 0.9
     for name in ("mnist_cnn_32px_v1.json", "mnist_cnn_32px_v1.msgpack"):
-        assert (pathlib.Path(classifier_dir) / name).is_file()
+        assert (pathlib.Path(mnist_classifier_dir) / name).is_file()
 
 
-def test_classifier_cache_reload_without_training(classifier, classifier_dir, monkeypatch):
+def test_classifier_cache_reload_without_training(classifier, mnist_classifier_dir, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the cached classifier must not be retrained")
 
     monkeypatch.setattr(classifier_module, "train_classifier", fail)
     monkeypatch.setattr(classifier_module, "_LOADED", {})
-    reloaded = metrics.get_mnist_classifier(image_size=32, cache_dir=classifier_dir)
+    reloaded = metrics.get_mnist_classifier(image_size=32, cache_dir=mnist_classifier_dir)
     assert reloaded is not classifier and reloaded.test_accuracy == classifier.test_accuracy
     images, _ = metrics.mnist_arrays("validation", 32)
     np.testing.assert_allclose(reloaded.logits(images[:20]), classifier.logits(images[:20]), atol=1e-5)

@@ -203,7 +203,7 @@ def test_patched_unet_shapes_zero_init_and_cost():
 
     def flops(model):
         p = jax.eval_shape(lambda: model.init(INIT_KEY, x, jnp.zeros(2)))
-        cost = jax.jit(lambda p, x: model.apply(p, x, jnp.zeros(2))).lower(p, x).compile().cost_analysis()
+        cost = jax.jit(lambda p, x: model.apply(p, x, jnp.zeros(2))).lower(p, x).cost_analysis()  # of the HLO
         return (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
 
     assert flops(plain) / flops(patched) > 3.0   # every feature map is 4x smaller
@@ -370,8 +370,8 @@ def test_remat_gives_same_outputs_and_gradients(name, overrides):
 # ----------------------------------------------------------------------------------------------- overfitting
 
 # the fixed-draw eval loss must fall by OVERFIT_FACTOR within the given number of adam steps (lr 3e-3);
-# measured: unet-tiny 1.02 -> 0.116 (x8.8) in 80 steps, dit-tiny 1.02 -> 0.136 (x7.5) in 200 steps
-OVERFIT_STEPS = {"unet-tiny": 80, "dit-tiny": 200}
+# measured (jax 0.10.2): unet-tiny x7.7 in 50 steps (x8.8 in 80), dit-tiny x6.6 in 120 steps (x7.5 in 200),
+# unet-tiny with 2x2 patches x5.1 in 80 steps
 OVERFIT_FACTOR = 5.0
 
 
@@ -396,8 +396,9 @@ def _adam_update(opt, params, grads, opt_state):
     return optax.apply_updates(params, updates), opt_state
 
 
-@pytest.mark.parametrize("name, overrides", [("unet-tiny", {}), ("dit-tiny", {}), ("unet-tiny", {"patch_size": 2})])
-def test_tiny_model_overfits_eight_digits(name, overrides, digits):
+@pytest.mark.parametrize("name, overrides, steps", [("unet-tiny", {}, 50), ("dit-tiny", {}, 120),
+                                                   ("unet-tiny", {"patch_size": 2}, 80)])
+def test_tiny_model_overfits_eight_digits(name, overrides, steps, digits):
     model = models.get(name, **overrides)
     params = _init(model, digits, None)
     opt = optax.adam(3e-3)
@@ -411,7 +412,7 @@ def test_tiny_model_overfits_eight_digits(name, overrides, digits):
 
     before = evaluate(params)
     opt_state = opt.init(params)
-    for key in jax.random.split(jax.random.key(1), OVERFIT_STEPS[name]):
+    for key in jax.random.split(jax.random.key(1), steps):
         params, opt_state = update(params, loss_and_grad(params, key)[1], opt_state)
     after = evaluate(params)
     assert before / after > OVERFIT_FACTOR, (before, after)

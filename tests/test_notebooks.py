@@ -2,8 +2,8 @@
 
 Every notebook runs in its fast mode (FLAXDIFF_TUTORIAL_FAST=1: tiny models and step counts) in a fresh
 ``python3`` Jupyter kernel of this interpreter; any cell error fails the test with the cell's traceback. Fast mode
-is dominated by XLA compilation, so the kernel runs with XLA's CPU backend optimisation turned down (about half the
-compile time; the numbers the notebooks compute do not matter here).
+is dominated by XLA compilation, so the kernel runs with XLA's CPU backend optimisation turned down and the classic
+emitters (as in tests/conftest.py; the numbers the notebooks compute do not matter here).
 """
 import importlib.util
 import pathlib
@@ -15,7 +15,8 @@ from nbclient import NotebookClient
 NOTEBOOK_DIR = pathlib.Path(__file__).resolve().parent.parent / "tutorial_notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
 CELL_TIMEOUT = 600
-FAST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+FAST_XLA_FLAGS = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
+                  "--xla_cpu_use_fusion_emitters=false")
 
 
 def _builder():

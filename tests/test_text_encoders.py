@@ -568,7 +568,8 @@ def test_encoding_shards_rows_over_the_mesh(clip_dirs, tmp_path):
     helpers = Path(__file__).resolve().parent / "helpers"
 
     np.savez(tmp_path / "expected.npz", **{k: np.asarray(v) for k, v in _load(directory).encode(PROMPTS).items()})
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2".strip()  # + the session's
+    env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
     result = subprocess.run([sys.executable, str(helpers / "text_sharding.py"), str(directory),
                              str(tmp_path / "expected.npz")], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -592,7 +593,7 @@ def test_caption_run_with_a_pretrained_clip_trains_and_samples(clip_dirs, tmp_pa
     directory, model = clip_dirs["plain"]
     workdir = tmp_path / "run"
     assert training.main([*TINY_TRAINING_ARGS, "--image-size", "8", "--model", "dit-tiny", "--model-config",
-                          '{"input_size": 8, "patch_size": 2}', "--captions", "mnist", "--text-encoder",
+                          '{"input_size": 8, "patch_size": 2, "depth": 1}', "--captions", "mnist", "--text-encoder",
                           str(directory), "--workdir", str(workdir)]) == 0
     pipe = Pipeline.from_pretrained(workdir)
     assert pipe.text.kind == "clip"  # the run's copy of the encoder, loaded back frozen
