@@ -1,7 +1,6 @@
 """The ``flaxdiff`` CLI on a tiny checkpoint trained by training.py: sample grid sizes, eval metrics JSON, export
 files, and one-line errors that never overwrite existing outputs."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,14 +9,6 @@ import pytest
 from PIL import Image
 
 from flaxdiff import cli
-
-
-@pytest.fixture(scope="module")
-def classifier_dir(tmp_path_factory):
-    """Shared with tests/test_metrics.py under pytest-xdist (the classifier trains once per test run)."""
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        return tmp_path_factory.getbasetemp().parent / "flaxdiff_classifier_cache"
-    return tmp_path_factory.mktemp("classifier_cache")
 
 
 def _cli(argv, capsys):
@@ -119,10 +110,10 @@ def test_missing_checkpoint_dir_is_one_line(tmp_path, capsys):
     assert code == 2 and "holds no checkpoint steps" in err
 
 
-def test_eval_prints_and_writes_accuracy_and_frechet(run_dir, tmp_path, classifier_dir, capsys):
+def test_eval_prints_and_writes_accuracy_and_frechet(run_dir, tmp_path, mnist_classifier_dir, capsys):
     out = tmp_path / "metrics.json"
     code, stdout, _ = _cli(["eval", run_dir, "--per-class", "3", "--steps", "2", "--out", out, "--sampler", "euler",
-                            "--classifier-cache", classifier_dir], capsys)
+                            "--classifier-cache", mnist_classifier_dir], capsys)
     assert code == 0
     printed, written = json.loads(stdout), json.loads(out.read_text())
     assert printed["class_accuracy"] == written["class_accuracy"]

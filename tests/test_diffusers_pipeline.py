@@ -241,7 +241,8 @@ def test_rows_are_split_over_a_mesh(sd_dir, sd_pipe, tmp_path):
 
     expected = sd_pipe.generate(["a photo of a cat", "the number 3", "digit seven"], seeds=[1, 2, 3], steps=3,
                                 guidance_scale=3.0, sampler="euler_ancestral", output="latents")
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2".strip()  # + the session's
+    env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
     result = subprocess.run([sys.executable, "-c", SHARDED, str(sd_dir), str(tmp_path / "out.npy")], env=env,
                             cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
