@@ -157,10 +157,10 @@ plt.show()
 printed = subprocess.run([sys.executable, str(REPO / "training.py"), "--dataset", "mnist", "--model", "unet-small",
                           "--batch-size", "256", "--fsdp", "2", "--steps", "20000", "--print-config"],
                          capture_output=True, text=True, check=True, cwd=REPO)
-settings = json.loads(printed.stdout)
-print(json.dumps({key: settings[key] for key in ["dataset", "model", "batch_size", "fsdp", "steps", "schedule",
-                                                 "predictor", "learning_rate", "workdir"] if key in settings},
-                 indent=1))
+settings = json.loads(printed.stdout)  # nested by section: data, model, diffusion, train, sample, task
+shown = ["data.dataset", "model.name", "model.options", "diffusion.schedule", "diffusion.predictor",
+         "train.batch_size", "train.fsdp", "train.steps", "train.learning_rate"]
+print(json.dumps({key: settings[key.split(".")[0]][key.split(".")[1]] for key in shown}, indent=1))
 
 # %% [markdown]
 # ## Launching on TPU VMs with `tpu-tools`
