@@ -397,6 +397,7 @@ def train_diffusion(config: RunConfig, workdir: Path, resume_step: int | None, o
     import numpy as np
 
     from flaxdiff import checkpoints, models, objectives
+    from flaxdiff.models import layers
     from flaxdiff.training import Trainer, save_image_grid
 
     processes = jax.process_count()
@@ -421,7 +422,7 @@ def train_diffusion(config: RunConfig, workdir: Path, resume_step: int | None, o
     model = model_cfg.make()
     try:
         params = param_count(model, data.example)
-    except ValueError as err:
+    except layers.ImageSizeError as err:
         raise ConfigError(f"model {config.model.name!r} cannot take the data's {data.example['image'].shape[1:]} "
                           f"inputs: {err}; set data.image_size (--image-size) to a size it accepts") from None
     train_config = build_train_config(config, steps, null_cond)

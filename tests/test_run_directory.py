@@ -127,6 +127,15 @@ def test_image_size_the_model_cannot_take_is_refused_before_anything_is_written(
     assert not (tmp_path / "w").exists()
 
 
+def test_model_option_error_is_refused_before_anything_is_written(tmp_path, capsys):
+    argv = ["--dataset", "digits", "--image-size", "16", "--model", "dit-tiny", "--model-config", '{"num_heads": 3}',
+            "--steps", "1", "--workdir", str(tmp_path / "w")]
+    assert training.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == "training.py: error: hidden_size=64 is not divisible by num_heads=3"   # no image-size hint
+    assert not (tmp_path / "w").exists()
+
+
 def test_saved_config_has_no_absolute_paths(base):
     text = (base / "two" / "config.json").read_text()
     assert str(base) not in text and json.loads(text)["data"]["dataset"] == "digits"
