@@ -96,7 +96,9 @@ def test_a_process_whose_peer_dies_exits_with_one_line_within_a_minute(tmp_path)
             if proc.poll() is None:
                 proc.kill()
     last = stderr.strip().splitlines()[-1]
-    assert procs[0].returncode == 3, stderr[-2000:]
+    # both ends of stderr: the first exception (if any) and the exit path (the rare heavy-load failure aborts in the
+    # coordination service's shutdown barrier, whose long message would hide the start)
+    assert procs[0].returncode == 3, f"{stderr[:3000]}\n...\n{stderr[-1500:]}"
     assert last.startswith("training.py: error: process 0 lost contact with another process of the 2-process run")
     assert "--resume" in last and elapsed < 60
 
