@@ -39,6 +39,13 @@ def optimised_subprocess_env() -> dict[str, str]:
     return env
 
 
+def host_devices_env(count: int) -> dict[str, str]:
+    """This environment for a CPU subprocess with ``count`` host devices: the session's XLA settings plus
+    ``--xla_force_host_platform_device_count``, so its compiles keep the test settings."""
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={count}".strip()
+    return {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
+
+
 @pytest.fixture(scope="session")
 def mnist_classifier_dir(tmp_path_factory):
     """A cache directory holding the default MNIST classifier (32 px), trained from scratch by

@@ -236,13 +236,13 @@ print(json.dumps({"devices": jax.device_count(), "mesh": pipe.mesh.size}))
 
 def test_rows_are_split_over_a_mesh(sd_dir, sd_pipe, tmp_path):
     """Two forced host devices: 3 rows padded to 4 and split over the mesh give the single-device latents."""
-    import os
     import subprocess
 
     expected = sd_pipe.generate(["a photo of a cat", "the number 3", "digit seven"], seeds=[1, 2, 3], steps=3,
                                 guidance_scale=3.0, sampler="euler_ancestral", output="latents")
-    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2".strip()  # + the session's
-    env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
+    from conftest import host_devices_env
+
+    env = host_devices_env(2)
     result = subprocess.run([sys.executable, "-c", SHARDED, str(sd_dir), str(tmp_path / "out.npy")], env=env,
                             cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]

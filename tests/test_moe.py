@@ -1,5 +1,4 @@
 """Tests of the expert-choice mixture of experts (flaxdiff.models.moe) and the MoE DiT."""
-import os
 import subprocess
 import sys
 import textwrap
@@ -141,8 +140,9 @@ SHARDED_SCRIPT = textwrap.dedent("""
 
 
 def test_expert_sharded_params_give_the_same_output():
-    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4".strip()  # + the session's
-    env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
+    from conftest import host_devices_env
+
+    env = host_devices_env(4)
     result = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]

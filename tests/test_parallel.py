@@ -5,7 +5,6 @@ The forced device count must be set before jax is imported, so the runs happen i
 with gradient accumulation — the layouts differ only in the order of the cross-device sums.
 """
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +17,9 @@ HELPER = Path(__file__).parent / "helpers" / "run_parallel.py"
 
 @pytest.fixture(scope="module")
 def runs():
-    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()  # + the session's
-    env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
+    from conftest import host_devices_env
+
+    env = host_devices_env(8)
     proc = subprocess.run([sys.executable, str(HELPER)], env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -568,8 +568,9 @@ def test_encoding_shards_rows_over_the_mesh(clip_dirs, tmp_path):
     helpers = Path(__file__).resolve().parent / "helpers"
 
     np.savez(tmp_path / "expected.npz", **{k: np.asarray(v) for k, v in _load(directory).encode(PROMPTS).items()})
-    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2".strip()  # + the session's
-    env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
+    from conftest import host_devices_env
+
+    env = host_devices_env(2)
     result = subprocess.run([sys.executable, str(helpers / "text_sharding.py"), str(directory),
                              str(tmp_path / "expected.npz")], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
